@@ -1,0 +1,171 @@
+"""The `defectscope` command: fit, predict, evaluate, demo. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markdown import Markdown
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from defectscope import pipeline
+from defectscope.artifacts import load_detector, read_manifest, save_detector
+from defectscope.detectors.base import make_detector
+from defectscope.errors import DefectscopeError
+from defectscope.evaluate import evaluate as run_evaluate
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
+console = Console(stderr=True)
+
+Method = Annotated[str, typer.Option("--method", "-m", help="Detection method (patchcore, ...).")]
+Options = Annotated[
+    Optional[list[str]],  # noqa: UP045 - typer needs Optional here
+    typer.Option("--set", help="Method option KEY=VALUE (JSON values), e.g. --set coreset_ratio=0.1."),
+]
+Size = Annotated[int, typer.Option(help="Network input size in pixels (long side, see --resize).")]
+Resize = Annotated[str, typer.Option(help="aspect (keep shape), letterbox (pad to square) or squash.")]
+
+
+def _config(size: int, resize: str, options: list[str] | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"preprocess": {"size": size, "resize": resize}}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DefectscopeError(f"--set expects KEY=VALUE, got {item!r}.")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    """A rich progress bar per stage; yields the library's (stage, done, total) callback."""
+    with Progress(
+        TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total or None)
+            bars.update(tasks[stage], completed=done, total=total or None)
+
+        yield report
+
+
+def _run(fn: Any) -> Any:
+    try:
+        return fn()
+    except DefectscopeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Configure logging for the command line."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MVTec layout) or a folder of normal images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")] = Path("model.dscope"),
+    method: Method = "patchcore",
+    size: Size = 256,
+    resize: Resize = "aspect",
+    options: Options = None,
+    holdout: Annotated[float, typer.Option(help="Fraction of normal images held out to set the threshold.")] = 0.1,
+    validation: Annotated[Optional[Path], typer.Option(help="MVTec-layout folder whose test split sets an F1-optimal threshold.")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+) -> None:
+    """Fit a detector on normal images and write a model file."""
+
+    def job() -> None:
+        if output.exists() and not overwrite:
+            raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
+        detector = make_detector(method, **_config(size, resize, options))
+        with _progress() as report:
+            fitted = pipeline.fit(detector, data, holdout=holdout, validation=validation, progress=report)
+        save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
+        thr = fitted.threshold
+        console.print(f"wrote [bold]{output}[/]" + (f"; threshold {thr.value:.4g} ({thr.method})" if thr else ""))
+
+    _run(job)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.json and heatmaps.")] = Path("predictions"),
+    threshold: Annotated[Optional[float], typer.Option(help="Override the model's threshold.")] = None,  # noqa: UP045
+    heatmaps: Annotated[bool, typer.Option(help="Write heatmap overlay PNGs.")] = True,
+) -> None:
+    """Score images with a fitted model; write scores and heatmap overlays."""
+
+    def job() -> None:
+        detector = load_detector(model)
+        extra = read_manifest(model).get("extra", {})
+        thr = threshold if threshold is not None else (extra.get("threshold") or {}).get("value")
+        paths = pipeline.expand_images(images)
+        with _progress() as report:
+            rows = pipeline.predict_to_folder(
+                detector, paths, out, threshold=thr, map_range=extra.get("map_range"), overlays=heatmaps, progress=report
+            )
+        flagged = sum(1 for r in rows if r.get("defective"))
+        console.print(f"scored {len(rows)} images" + (f", {flagged} defective" if thr is not None else "") + f"; results in {out}")
+
+    _run(job)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Dataset folder in MVTec layout (train/good, test/*, ground_truth/*).")],
+    method: Method = "patchcore",
+    size: Size = 256,
+    resize: Resize = "aspect",
+    options: Options = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv or .json).")] = None,  # noqa: UP045
+    masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,
+) -> None:
+    """Fit on train/good, score the test split, print the metric table."""
+
+    def job() -> None:
+        config = _config(size, resize, options)
+        with _progress() as report:
+            result = run_evaluate(method, data, config=config, require_masks=masks, progress=report)
+        Console().print(Markdown(result.to_markdown()))
+        if output is not None:
+            text = {".csv": result.to_csv, ".json": result.to_json}.get(output.suffix, result.to_markdown)()
+            output.write_text(text)
+
+    _run(job)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's model, report and heatmaps.")] = Path("demo_output"),
+    method: Method = "patchcore",
+) -> None:
+    """Fit, evaluate and predict on the bundled battery-weld sample; write a report."""
+    from defectscope.demo import run_demo
+
+    _run(lambda: run_demo(out, method, console, _progress))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,168 @@
+"""Robust image and mask decoding, and the geometry of resizing them for a backbone.
+
+Factory images come as greyscale, RGB, RGBA, palette, 16-bit or EXIF-rotated files of
+varying sizes. `load_image` turns all of them into one float RGB array; `Preprocess`
+decides how an image is brought to the network's size *without* squashing it out of
+shape unless the user asks for that (`resize="squash"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from defectscope.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MIN_SIDE = 32  # the smallest side a CNN with stride 32 still gives a feature map for
+ResizeMode = Literal["aspect", "letterbox", "squash"]
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}. Check the path, or remove the entry that names it.")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"Cannot read {what} {path}: {exc}. The file is not an image or is truncated; "
+            "replace it or move it out of the folder."
+        ) from exc
+    return ImageOps.exif_transpose(img)
+
+
+def _to_float_array(img: Image.Image) -> np.ndarray:
+    """Decode any PIL mode into float32 H x W x C in [0, 1] (C = 1 or 3)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) <= 65535 and arr.min(initial=0) >= 0):
+            scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
+            arr = arr / scale
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return np.clip(arr, 0.0, 1.0)[..., None]
+    if mode in ("1", "L", "LA"):
+        return (np.asarray(img.convert("L"), dtype=np.float32) / 255.0)[..., None]
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as float32 H x W x 3 in [0, 1]; greyscale is replicated to 3 channels."""
+    arr = _to_float_array(_open(Path(path), "image"))
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return arr
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask as bool H x W (any non-zero pixel is defective)."""
+    arr = _to_float_array(_open(Path(path), "mask"))
+    return arr.max(axis=2) > 0
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, reading only the header."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"File not found: {path}. Check the path.")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(
+            f"Cannot read {path}: {exc}. The file is not an image or is damaged; replace or remove it."
+        ) from exc
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an original image sits inside the network input: its size and content box."""
+
+    original: tuple[int, int]
+    content: tuple[int, int, int, int]  # top, left, height, width inside the network input
+    input: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images are brought to the network's size.
+
+    - ``aspect`` (default): the long side becomes ``size``, the short side keeps the aspect
+      ratio; nothing is padded or distorted. Crops of different heights from one camera
+      keep one pixel scale (scaling the *short* side would not: a thin crop would be
+      magnified several times and look foreign to the memory bank).
+    - ``letterbox``: as ``aspect``, then padded to ``size x size`` (for methods that need
+      one input size, such as PaDiM).
+    - ``squash``: resized to ``size x size`` regardless of shape (the user's choice only).
+    """
+
+    size: int = 256
+    resize: ResizeMode = "aspect"
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("aspect", "letterbox", "squash"):
+            raise DataError(f"Unknown resize mode {self.resize!r}; use aspect, letterbox or squash.")
+        if self.size < 32:
+            raise DataError(f"Image size {self.size} is too small; use at least 32 pixels.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def geometry(self, h: int, w: int) -> Geometry:
+        """Compute the content box and input size for an h x w image."""
+        s = self.size
+        if self.resize == "squash":
+            return Geometry((h, w), (0, 0, s, s), (s, s))
+        scale = s / max(h, w)
+        ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+        if self.resize == "letterbox":
+            top, left = (s - ch) // 2, (s - cw) // 2
+            return Geometry((h, w), (top, left, ch, cw), (s, s))
+        ch, cw = max(ch, MIN_SIDE), max(cw, MIN_SIDE)
+        return Geometry((h, w), (0, 0, ch, cw), (ch, cw))
+
+    def image(self, arr: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        """H x W x 3 float array -> 3 x H' x W' tensor at network size, and its geometry."""
+        geo = self.geometry(arr.shape[0], arr.shape[1])
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+        top, left, ch, cw = geo.content
+        t = F.interpolate(t, size=(ch, cw), mode="bilinear", align_corners=False, antialias=True)
+        out = torch.zeros((1, 3, *geo.input), dtype=torch.float32)
+        out[:, :, top : top + ch, left : left + cw] = t.clamp(0, 1)
+        return out[0], geo
+
+    @staticmethod
+    def mask(mask: np.ndarray, geo: Geometry) -> torch.Tensor:
+        """Bring a bool mask to network size with nearest-neighbour resizing."""
+        top, left, ch, cw = geo.content
+        t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
+        t = F.interpolate(t, size=(ch, cw), mode="nearest")
+        out = torch.zeros(geo.input, dtype=torch.bool)
+        out[top : top + ch, left : left + cw] = t[0, 0] > 0.5
+        return out
+
+
+def to_original(anomaly_map: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """Crop a map at network size to the content box and resize it to the original image size."""
+    top, left, ch, cw = geo.content
+    crop = anomaly_map[top : top + ch, left : left + cw][None, None]
+    return F.interpolate(crop, size=geo.original, mode="bilinear", align_corners=False)[0, 0]
+
+
+def crop_content(x: torch.Tensor, geo: Geometry) -> torch.Tensor:
+    """The part of a network-size map or mask that shows the image (drops letterbox padding)."""
+    top, left, ch, cw = geo.content
+    return x[..., top : top + ch, left : left + cw]

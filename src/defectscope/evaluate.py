@@ -1,0 +1,165 @@
+"""Detector x dataset -> a metric table per defect type and overall, with cost figures.
+
+Metrics are computed at the network input resolution, on the part of each map that shows
+the image (letterbox padding excluded); masks are resized with nearest neighbours.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from defectscope.data.datasets import Dataset, Record, batches, iter_samples, load_dataset
+from defectscope.data.images import crop_content
+from defectscope.detectors.base import Detector, Progress, make_detector
+from defectscope.errors import DataError
+from defectscope.metrics import image_metrics, pixel_metrics
+
+COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter for this process (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (since the last reset on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Scored:
+    """What a detector said about the test split, kept for metrics."""
+
+    records: list[Record]
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: list[np.ndarray]
+    masks: list[np.ndarray | None]
+
+
+@dataclass
+class EvalResult:
+    """One evaluation: rows per defect type plus "overall", and what it cost."""
+
+    method: str
+    dataset: str
+    rows: list[dict[str, Any]]
+    cost: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=float)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["defect", "n_images", *COLUMNS])
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: row.get(k) for k in writer.fieldnames})
+        return buf.getvalue()
+
+    def to_markdown(self) -> str:
+        head = "| defect | images | " + " | ".join(COLUMNS) + " |"
+        lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+        for row in self.rows:
+            cells = [_fmt(row.get(c)) for c in COLUMNS]
+            lines.append(f"| {row['defect']} | {row['n_images']} | " + " | ".join(cells) + " |")
+        cost = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in self.cost.items())
+        return f"**{self.method}** on `{self.dataset}`\n\n" + "\n".join(lines) + f"\n\n{cost}\n"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def score_records(
+    detector: Detector, records: list[Record], *, batch_size: int = 8, progress: Progress | None = None
+) -> Scored:
+    """Run the detector over records; keep scores, content-cropped maps and masks."""
+    scores, labels, maps, masks = [], [], [], []
+    done = 0
+    for batch in batches(iter_samples(records, detector.preprocess), batch_size):
+        pred = detector.predict(torch.stack([s.image for s in batch]))
+        for s, score, amap in zip(batch, pred.scores, pred.maps, strict=True):
+            scores.append(float(score))
+            labels.append(s.label)
+            maps.append(crop_content(amap, s.geometry).numpy())
+            masks.append(None if s.mask is None else crop_content(s.mask, s.geometry).numpy())
+        done += len(batch)
+        if progress:
+            progress("predict", done, len(records))
+    return Scored(records, np.array(scores), np.array(labels), maps, masks)
+
+
+def metric_rows(scored: Scored, defects: list[str]) -> list[dict[str, Any]]:
+    """Per defect type (its images + all good ones) and overall."""
+    kinds = np.array([r.defect for r in scored.records])
+    groups = [(d, (kinds == d) | (scored.labels == 0)) for d in defects] + [("overall", np.ones(len(kinds), bool))]
+    rows = []
+    for name, sel in groups:
+        idx = np.nonzero(sel)[0]
+        row: dict[str, Any] = {"defect": name, "n_images": int(idx.size)}
+        row.update(image_metrics(scored.scores[idx], scored.labels[idx]))
+        with_mask = [i for i in idx if scored.masks[i] is not None]
+        if with_mask and any(scored.masks[i].any() for i in with_mask):
+            row.update(pixel_metrics([scored.maps[i] for i in with_mask], [scored.masks[i] for i in with_mask]))
+        rows.append(row)
+    return rows
+
+
+def evaluate(
+    detector: Detector | str,
+    data: str | Path | Dataset,
+    *,
+    config: dict[str, Any] | None = None,
+    train: list[Record] | None = None,
+    batch_size: int = 8,
+    require_masks: bool = True,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Fit ``detector`` (a registered name or an instance) on the dataset's normal training
+    images (or ``train``), score its test split, and tabulate metrics and costs."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data, require_masks=require_masks)
+    if not ds.test:
+        raise DataError(f"{ds.root} has no test split (test/<defect>/ folders); nothing to evaluate.")
+    det = make_detector(detector, **(config or {})) if isinstance(detector, str) else detector
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    train = ds.train if train is None else train
+    det.fit(iter_samples(train, det.preprocess) if det.needs_training_images else None, progress=progress)
+    fit_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scored = score_records(det, ds.test, batch_size=batch_size, progress=progress)
+    predict_s = time.perf_counter() - t1
+    cost = {
+        "fit_s": fit_s,
+        "predict_ms_per_image": 1000 * predict_s / len(ds.test),
+        "peak_rss_mb": peak_rss_mb(),
+        "train_images": float(len(train)),
+    }
+    return EvalResult(det.name, str(ds.root), metric_rows(scored, ds.defects), cost, det.config())
+

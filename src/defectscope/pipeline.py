@@ -1,0 +1,146 @@
+"""The user's jobs end to end: fit from a folder (with a threshold), predict into a folder.
+
+Fitting holds out a seeded fraction of the normal images, scores them with the fitted
+model and sets the decision threshold from those normal scores (F1-optimal instead when a
+validation set with defective images is given). Predicting writes scores (CSV + JSON)
+and heatmap overlays, and never overwrites an existing output file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder
+from defectscope.data.images import load_image, to_original
+from defectscope.detectors.base import Detector, Progress
+from defectscope.errors import DataError
+from defectscope.evaluate import score_records
+from defectscope.report import save_overlay
+from defectscope.thresholds import Threshold, choose
+
+log = logging.getLogger("defectscope")
+MIN_HOLDOUT = 10  # below this many training images, none are held out for the threshold
+
+
+def training_records(data: str | Path) -> list[Record]:
+    """Normal training images: ``train/good`` of a dataset folder, or a plain image folder."""
+    data = Path(data)
+    if (data / "train" / "good").is_dir() or (data / "split_csv").is_dir():
+        return load_dataset(data).train
+    return load_folder(data)
+
+
+def split_holdout(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Seeded split into (fit, held-out) records; nothing is held out from tiny sets."""
+    if fraction <= 0 or len(records) < MIN_HOLDOUT:
+        return records, []
+    n_out = max(2, round(fraction * len(records)))
+    perm = np.random.default_rng(seed).permutation(len(records))
+    held = set(perm[:n_out].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+@dataclass
+class Fitted:
+    """A fitted detector with its threshold and the map range used to colour heatmaps."""
+
+    detector: Detector
+    threshold: Threshold | None
+    map_range: tuple[float, float] | None
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "threshold": None if self.threshold is None else self.threshold.to_dict(),
+            "map_range": self.map_range,
+        }
+
+
+def fit(
+    detector: Detector,
+    data: str | Path | None,
+    *,
+    holdout: float = 0.1,
+    validation: str | Path | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Fitted:
+    """Fit on the normal images of ``data`` and derive a threshold (see module docstring)."""
+    if data is None:
+        detector.fit(None, progress=progress)
+        return Fitted(detector, None, None)
+    records = training_records(data)
+    fit_recs, held = split_holdout(records, 0.0 if validation else holdout, seed)
+    detector.fit(iter_samples(fit_recs, detector.preprocess), progress=progress)
+    val = load_dataset(validation).test if validation else held
+    if not val:
+        log.warning("Too few normal images (%d) to hold some out: no decision threshold is set.", len(records))
+        return Fitted(detector, None, None)
+    scored = score_records(detector, val, progress=progress)
+    threshold = choose(scored.scores, scored.labels)
+    normal_maps = np.concatenate([m.ravel() for m, y in zip(scored.maps, scored.labels, strict=True) if y == 0])
+    map_range = (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max())))
+    return Fitted(detector, threshold, map_range)
+
+
+def predict_to_folder(
+    detector: Detector,
+    paths: list[Path],
+    out: Path,
+    *,
+    threshold: float | None = None,
+    map_range: tuple[float, float] | None = None,
+    overlays: bool = True,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Score images, write ``scores.csv``, ``scores.json`` and ``<stem>_heatmap.png`` to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [out / "scores.csv", out / "scores.json"]
+    if overlays:
+        targets += [out / f"{p.stem}_heatmap.png" for p in paths]
+    clash = [t for t in targets if t.exists()]
+    if clash:
+        raise DataError(f"{clash[0]} already exists ({len(clash)} output files would be overwritten); use an empty --out folder.")
+    rows: list[dict[str, Any]] = []
+    results = []
+    for i, sample in enumerate(iter_samples([Record(p) for p in paths], detector.preprocess)):
+        pred = detector.predict(sample.image[None])
+        amap = to_original(pred.maps[0], sample.geometry)
+        score = float(pred.scores[0])
+        row = {"path": sample.path, "score": score}
+        if threshold is not None:
+            row["defective"] = bool(score >= threshold)
+        rows.append(row)
+        results.append((Path(sample.path), amap.numpy().astype(np.float16)))
+        if progress:
+            progress("predict", i + 1, len(paths))
+    if overlays:
+        lo, hi = map_range or (min(float(m.min()) for _, m in results), max(float(m.max()) for _, m in results))
+        for path, amap in results:
+            save_overlay(out / f"{path.stem}_heatmap.png", load_image(path), amap.astype(np.float32), vmin=lo, vmax=hi)
+    with (out / "scores.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "scores.json").write_text(json.dumps({"threshold": threshold, "images": rows}, indent=2))
+    return rows
+
+
+def expand_images(inputs: list[Path]) -> list[Path]:
+    """Image paths from a mix of files and folders (folders contribute the images inside)."""
+    paths: list[Path] = []
+    for p in inputs:
+        paths.extend([r.path for r in load_folder(p)] if p.is_dir() else [p])
+    if not paths:
+        raise DataError("No images given to score.")
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"Image not found: {p}. Check the path.")
+    return paths
+
