@@ -12,7 +12,6 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from defectscope import pipeline
@@ -148,7 +147,7 @@ def evaluate(
         config = _config(size, resize, options)
         with _progress() as report:
             result = run_evaluate(method, data, config=config, require_masks=masks, progress=report)
-        Console().print(Markdown(result.to_markdown()))
+        typer.echo(result.to_markdown())
         if output is not None:
             text = {".csv": result.to_csv, ".json": result.to_json}.get(output.suffix, result.to_markdown)()
             output.write_text(text)

@@ -14,10 +14,16 @@ import torch.nn.functional as F
 
 
 def local_aggregate(fmap: torch.Tensor, p: int) -> torch.Tensor:
-    """Average each position over its p x p neighbourhood (PatchCore eq. 2), same size out."""
+    """Average each position over its p x p neighbourhood (PatchCore eq. 2), same size out.
+
+    Zero padding counts in the average at the border, as in the reference code's unfold:
+    border patches then stay distinguishable from interior ones and match the bank's
+    border patches. (Averaging over valid neighbours only cost 7 points of image AUROC on
+    battery_weld: 0.857 against 0.930.)
+    """
     if p <= 1:
         return fmap
-    return F.avg_pool2d(fmap, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
+    return F.avg_pool2d(fmap, kernel_size=p, stride=1, padding=p // 2, count_include_pad=True)
 
 
 def fuse_stages(fmaps: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:

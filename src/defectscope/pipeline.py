@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder
-from defectscope.data.images import load_image, to_original
+from defectscope.data.images import IMAGE_SUFFIXES, load_image, to_original
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import DataError
 from defectscope.evaluate import score_records
@@ -101,9 +101,10 @@ def predict_to_folder(
 ) -> list[dict[str, Any]]:
     """Score images, write ``scores.csv``, ``scores.json`` and ``<stem>_heatmap.png`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    names = output_names(paths)
     targets = [out / "scores.csv", out / "scores.json"]
     if overlays:
-        targets += [out / f"{p.stem}_heatmap.png" for p in paths]
+        targets += [out / f"{names[p]}_heatmap.png" for p in paths]
     clash = [t for t in targets if t.exists()]
     if clash:
         raise DataError(f"{clash[0]} already exists ({len(clash)} output files would be overwritten); use an empty --out folder.")
@@ -123,7 +124,7 @@ def predict_to_folder(
     if overlays:
         lo, hi = map_range or (min(float(m.min()) for _, m in results), max(float(m.max()) for _, m in results))
         for path, amap in results:
-            save_overlay(out / f"{path.stem}_heatmap.png", load_image(path), amap.astype(np.float32), vmin=lo, vmax=hi)
+            save_overlay(out / f"{names[path]}_heatmap.png", load_image(path), amap.astype(np.float32), vmin=lo, vmax=hi)
     with (out / "scores.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -132,11 +133,25 @@ def predict_to_folder(
     return rows
 
 
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """A distinct file-name stem per image: its own stem, prefixed by parent folders on clashes."""
+    depth = 0
+    while True:
+        names = {p: "__".join([*p.parent.parts[len(p.parent.parts) - depth :], p.stem]) if depth else p.stem for p in paths}
+        if len(set(names.values())) == len(paths) or depth > 8:
+            return names
+        depth += 1
+
+
 def expand_images(inputs: list[Path]) -> list[Path]:
-    """Image paths from a mix of files and folders (folders contribute the images inside)."""
+    """Image paths from a mix of files and folders (folders are searched recursively)."""
     paths: list[Path] = []
     for p in inputs:
-        paths.extend([r.path for r in load_folder(p)] if p.is_dir() else [p])
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            paths.extend(found or [r.path for r in load_folder(p)])  # load_folder explains an empty folder
+        else:
+            paths.append(p)
     if not paths:
         raise DataError("No images given to score.")
     for p in paths:
