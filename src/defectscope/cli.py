@@ -29,11 +29,15 @@ Options = Annotated[
     typer.Option("--set", help="Method option KEY=VALUE (JSON values), e.g. --set coreset_ratio=0.1."),
 ]
 Size = Annotated[int, typer.Option(help="Network input size in pixels (long side, see --resize).")]
-Resize = Annotated[str, typer.Option(help="aspect (keep shape), letterbox (pad to square) or squash.")]
+Resize = Annotated[
+    Optional[str],  # noqa: UP045 - typer needs Optional here
+    typer.Option(help="aspect (keep shape), letterbox (pad to square) or squash; default: the method's."),
+]
 
 
-def _config(size: int, resize: str, options: list[str] | None) -> dict[str, Any]:
-    config: dict[str, Any] = {"preprocess": {"size": size, "resize": resize}}
+def _config(size: int, resize: str | None, options: list[str] | None) -> dict[str, Any]:
+    preprocess: dict[str, Any] = {"size": size} if resize is None else {"size": size, "resize": resize}
+    config: dict[str, Any] = {"preprocess": preprocess}
     for item in options or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -85,7 +89,7 @@ def fit(
     output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")] = Path("model.dscope"),
     method: Method = "patchcore",
     size: Size = 256,
-    resize: Resize = "aspect",
+    resize: Resize = None,
     options: Options = None,
     holdout: Annotated[float, typer.Option(help="Fraction of normal images held out to set the threshold.")] = 0.1,
     validation: Annotated[Optional[Path], typer.Option(help="MVTec-layout folder whose test split sets an F1-optimal threshold.")] = None,  # noqa: UP045
@@ -136,7 +140,7 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="Dataset folder in MVTec layout (train/good, test/*, ground_truth/*).")],
     method: Method = "patchcore",
     size: Size = 256,
-    resize: Resize = "aspect",
+    resize: Resize = None,
     options: Options = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv or .json).")] = None,  # noqa: UP045
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,

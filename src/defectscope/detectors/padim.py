@@ -1,0 +1,123 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian per patch position.
+
+Embedding x_ij: three backbone stages upsampled to the finest grid and concatenated, then
+a seeded random subset of d channels. Fit: per position (i, j) the mean mu_ij and
+covariance Sigma_ij = cov + eps * I of the training embeddings, accumulated by streaming
+(Chan's pairwise update of mean and scatter matrix, float32), so memory does not grow with
+the number of images. Score (eq. 2): M(x_ij) = sqrt((x_ij - mu_ij)^T Sigma_ij^-1 (x_ij - mu_ij)),
+batched over positions; map upsampled and smoothed; image score = max of the map.
+
+Like the paper, PaDiM assumes *aligned* images: position (i, j) must show the same part of
+the product in every image, so all inputs share one size (default: letterbox).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, Self
+
+import torch
+
+from defectscope.data.datasets import Sample, batches
+from defectscope.detectors.base import CNNDetector, Prediction, Progress, patch_scores_to_maps, register
+from defectscope.errors import ConfigError, DataError
+from defectscope.features import fuse_stages
+
+
+@register
+class PaDiM(CNNDetector):
+    """PaDiM with running-sum fitting and optional float16 storage of the inverse covariances."""
+
+    name = "padim"
+
+    def __init__(
+        self,
+        *,
+        d: int = 100,
+        eps: float = 0.01,
+        storage: str = "float32",
+        seed: int = 0,
+        batch_size: int = 8,
+        stages: tuple[int, ...] = (1, 2, 3),
+        preprocess: dict[str, Any] | None = None,
+        **cnn: Any,
+    ) -> None:
+        super().__init__(stages=stages, preprocess={"resize": "letterbox", **(preprocess or {})}, **cnn)
+        if self.preprocess.resize == "aspect":
+            raise ConfigError("PaDiM needs one input size for all images: use resize 'letterbox' or 'squash'.")
+        if storage not in ("float32", "float16"):
+            raise ConfigError(f"storage must be float32 or float16, got {storage!r}.")
+        self.d, self.eps, self.storage, self.seed, self.batch_size = d, eps, storage, seed, batch_size
+        self.channels = torch.empty(0, dtype=torch.long)
+        self.mean = torch.empty(0)
+        self.inv_cov = torch.empty(0)
+        self.timings: dict[str, float] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {**self.base_config(), "d": self.d, "eps": self.eps, "storage": self.storage, "seed": self.seed, "batch_size": self.batch_size}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"channels": self.channels, "mean": self.mean, "inv_cov": self.inv_cov.to(getattr(torch, self.storage))}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.channels, self.mean, self.inv_cov = state["channels"].long(), state["mean"].float(), state["inv_cov"]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        nbytes = self.inv_cov.numel() * (2 if self.storage == "float16" else 4)
+        return {**super().info, "grid": list(self.mean.shape[:2]), "d": int(self.mean.shape[-1]) if self.mean.numel() else 0, "covariance_mb": nbytes / 2**20}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """N x h x w x d embeddings (the random channel subset of the fused stages)."""
+        fused = fuse_stages(self.backbone(x))
+        if self.channels.numel() == 0:
+            total = fused.shape[1]
+            if self.d > total:
+                raise ConfigError(f"d={self.d} exceeds the {total} channels of the chosen stages.")
+            g = torch.Generator().manual_seed(self.seed)
+            self.channels = torch.randperm(total, generator=g)[: self.d].sort().values
+        return fused[:, self.channels].permute(0, 2, 3, 1).contiguous()
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("PaDiM needs normal training images.")
+        t0 = time.perf_counter()
+        n, mean, scatter, shape = 0, None, None, None
+        for batch in batches(iter(images), self.batch_size):
+            if shape is None:
+                shape = batch[0].image.shape
+            elif batch[0].image.shape != shape:
+                raise DataError(f"{batch[0].path} has input size {tuple(batch[0].image.shape[1:])}, others {tuple(shape[1:])}; PaDiM needs one size (resize letterbox or squash).")
+            e = self.embed(torch.stack([s.image for s in batch]))
+            nb = e.shape[0]
+            mb = e.mean(0)
+            centred = e - mb
+            sb = torch.einsum("nhwi,nhwj->hwij", centred, centred)
+            if mean is None:
+                n, mean, scatter = nb, mb, sb
+            else:
+                delta = mb - mean
+                total = n + nb
+                mean = mean + delta * (nb / total)
+                scatter += sb + torch.einsum("hwi,hwj->hwij", delta, delta) * (n * nb / total)
+                n = total
+            if progress:
+                progress("features", n, 0)
+        if n < 2:
+            raise ConfigError("PaDiM needs at least two training images to estimate a covariance.")
+        cov = scatter / (n - 1) + self.eps * torch.eye(self.d)
+        self.mean = mean
+        self.inv_cov = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        self.timings = {"fit_s": time.perf_counter() - t0, "images": float(n)}
+        return self
+
+    def predict(self, batch: torch.Tensor) -> Prediction:
+        e = self.embed(batch)
+        if e.shape[1:3] != self.mean.shape[:2]:
+            raise DataError(f"Input size {tuple(batch.shape[-2:])} differs from the training size; PaDiM needs aligned images of one size.")
+        diff = e - self.mean
+        inv = self.inv_cov.float()
+        dist = torch.einsum("nhwi,hwij,nhwj->nhw", diff, inv, diff).clamp_(min=0).sqrt_()
+        maps = patch_scores_to_maps(dist, tuple(batch.shape[-2:]), self.sigma)
+        return Prediction(maps.flatten(1).max(1).values, maps)

@@ -1,0 +1,119 @@
+"""SPADE (Cohen & Hoshen, 2020): k-NN over images, then over pixels of the nearest images.
+
+Image level: f(x) = global average of the last stage's map; score = mean distance to the
+K nearest training images' f (K = 50, capped by the training set size).
+Pixel level: the gallery is the feature maps of those K nearest training images; each
+test position's score at stage s is the mean distance to its kappa nearest gallery
+features (any position); per-stage scores are upsampled to the input size and summed, then
+smoothed (sigma 4). Nearest neighbours come from the shared `memory.knn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+
+from defectscope.data.datasets import Sample, batches
+from defectscope.detectors.base import CNNDetector, Prediction, Progress, gaussian_blur, register
+from defectscope.errors import ConfigError
+from defectscope.features import flatten_patches
+from defectscope.memory import knn
+
+
+@register
+class SPADE(CNNDetector):
+    """SPADE; ``stages``' last entry gives the global feature, ``pixel_stages`` the galleries."""
+
+    name = "spade"
+
+    def __init__(
+        self,
+        *,
+        k: int = 50,
+        kappa: int = 1,
+        pixel_stages: tuple[int, ...] = (1, 2, 3),
+        storage: str = "float16",
+        batch_size: int = 8,
+        stages: tuple[int, ...] = (1, 2, 3, 4),
+        **cnn: Any,
+    ) -> None:
+        super().__init__(stages=stages, **cnn)
+        if not set(pixel_stages) <= set(self.stages):
+            raise ConfigError(f"pixel_stages {pixel_stages} must be among stages {self.stages}.")
+        if storage not in ("float32", "float16"):
+            raise ConfigError(f"storage must be float32 or float16, got {storage!r}.")
+        self.k, self.kappa, self.pixel_stages = k, kappa, tuple(pixel_stages)
+        self.storage, self.batch_size = storage, batch_size
+        self.global_feats = torch.empty(0)
+        self.patches: list[torch.Tensor] = []  # per pixel stage: all training positions x C
+        self.owner: list[torch.Tensor] = []  # per pixel stage: training image index of each row
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **self.base_config(),
+            "k": self.k,
+            "kappa": self.kappa,
+            "pixel_stages": list(self.pixel_stages),
+            "storage": self.storage,
+            "batch_size": self.batch_size,
+        }
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"global": self.global_feats}
+        for i, (p, o) in enumerate(zip(self.patches, self.owner, strict=True)):
+            out[f"patches{i}"], out[f"owner{i}"] = p.to(getattr(torch, self.storage)), o
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.global_feats = state["global"].float()
+        n = len(self.pixel_stages)
+        self.patches = [state[f"patches{i}"] for i in range(n)]
+        self.owner = [state[f"owner{i}"].long() for i in range(n)]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {**super().info, "train_images": int(self.global_feats.shape[0])}
+
+    def _split(self, fmaps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pos = {s: i for i, s in enumerate(self.stages)}
+        return fmaps[-1].mean(dim=(2, 3)), [fmaps[pos[s]] for s in self.pixel_stages]
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("SPADE needs normal training images.")
+        globals_, per_stage, owners = [], [[] for _ in self.pixel_stages], [[] for _ in self.pixel_stages]
+        done = 0
+        for batch in batches(iter(images), self.batch_size):
+            g, maps = self._split(self.backbone(torch.stack([s.image for s in batch])))
+            globals_.append(g)
+            for i, m in enumerate(maps):
+                flat = flatten_patches(m).to(getattr(torch, self.storage))
+                per_stage[i].append(flat)
+                owners[i].append(torch.arange(done, done + len(batch)).repeat_interleave(m.shape[2] * m.shape[3]))
+            done += len(batch)
+            if progress:
+                progress("features", done, 0)
+        if not globals_:
+            raise ConfigError("SPADE got no training images.")
+        self.global_feats = torch.cat(globals_)
+        self.patches = [torch.cat(p) for p in per_stage]
+        self.owner = [torch.cat(o) for o in owners]
+        return self
+
+    def predict(self, batch: torch.Tensor) -> Prediction:
+        g, maps = self._split(self.backbone(batch))
+        dist, nearest = knn(g, self.global_feats, self.k)
+        scores = dist.mean(1)
+        size = tuple(batch.shape[-2:])
+        out = torch.zeros(batch.shape[0], *size)
+        for i, fmap in enumerate(maps):
+            for n in range(batch.shape[0]):  # one gallery per test image: its K nearest images
+                keep = torch.isin(self.owner[i], nearest[n])
+                gallery = self.patches[i][keep].float()
+                d, _ = knn(flatten_patches(fmap[n : n + 1]), gallery, self.kappa)
+                grid = d.mean(1).view(1, 1, *fmap.shape[-2:])
+                out[n] += F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+        return Prediction(scores, gaussian_blur(out, self.sigma))
