@@ -18,7 +18,9 @@ from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.detectors.base import make_detector
 from defectscope.errors import DefectscopeError
+from defectscope.data.datasets import load_dataset
 from defectscope.evaluate import evaluate as run_evaluate
+from defectscope.evaluate import evaluate_fewshot
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
 console = Console(stderr=True)
@@ -144,13 +146,23 @@ def evaluate(
     options: Options = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv or .json).")] = None,  # noqa: UP045
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,
+    shots: Annotated[Optional[str], typer.Option(help="k-shot protocol: comma-separated k, e.g. 1,2,4,8.")] = None,  # noqa: UP045
+    seeds: Annotated[int, typer.Option(help="k-shot protocol: seeds 0..N-1 per k.")] = 5,
 ) -> None:
-    """Fit on train/good, score the test split, print the metric table."""
+    """Fit on train/good (or k sampled shots), score the test split, print the metric table."""
 
     def job() -> None:
         config = _config(size, resize, options)
         with _progress() as report:
-            result = run_evaluate(method, data, config=config, require_masks=masks, progress=report)
+            if shots:
+                try:
+                    ks = [int(k) for k in shots.split(",")]
+                except ValueError:
+                    raise DefectscopeError(f"--shots expects integers like 1,2,4,8, got {shots!r}.") from None
+                dataset = load_dataset(data, require_masks=masks)
+                result = evaluate_fewshot(method, dataset, shots=ks, seeds=list(range(seeds)), config=config, progress=report)
+            else:
+                result = run_evaluate(method, data, config=config, require_masks=masks, progress=report)
         typer.echo(result.to_markdown())
         if output is not None:
             text = {".csv": result.to_csv, ".json": result.to_json}.get(output.suffix, result.to_markdown)()

@@ -21,7 +21,8 @@ import torch
 
 from defectscope.data.datasets import Dataset, Record, batches, iter_samples, load_dataset
 from defectscope.data.images import crop_content
-from defectscope.detectors.base import Detector, Progress, make_detector
+from defectscope.data.fewshot import sample_shots
+from defectscope.detectors.base import REGISTRY, Detector, Progress, make_detector
 from defectscope.errors import DataError
 from defectscope.metrics import image_metrics, pixel_metrics
 
@@ -163,3 +164,67 @@ def evaluate(
     }
     return EvalResult(det.name, str(ds.root), metric_rows(scored, ds.defects), cost, det.config())
 
+
+
+@dataclass
+class FewShotResult:
+    """The k-shot protocol: per k, the overall metrics of every seed, and mean +- std."""
+
+    method: str
+    dataset: str
+    runs: dict[int, list[dict[str, Any]]]
+
+    def summary(self) -> dict[int, dict[str, tuple[float, float]]]:
+        """Per k and metric: (mean, sample std over seeds; 0 for one seed)."""
+        out: dict[int, dict[str, tuple[float, float]]] = {}
+        for k, rows in self.runs.items():
+            out[k] = {}
+            for col in (*COLUMNS, "predict_ms_per_image"):
+                vals = np.array([r[col] for r in rows if r.get(col) is not None], dtype=np.float64)
+                vals = vals[np.isfinite(vals)]
+                if vals.size:
+                    out[k][col] = (float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0)
+        return out
+
+    def to_markdown(self) -> str:
+        cols = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "predict_ms_per_image")
+        lines = ["| k | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+        for k, stats in self.summary().items():
+            cells = [f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" if c in stats else "-" for c in cols]
+            lines.append(f"| {k} | {len(self.runs[k])} | " + " | ".join(cells) + " |")
+        return f"**{self.method}** k-shot on `{self.dataset}`\n\n" + "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({"method": self.method, "dataset": self.dataset, "runs": self.runs, "summary": self.summary()}, indent=2)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["k", "seed", *COLUMNS, "predict_ms_per_image"])
+        writer.writeheader()
+        for k, rows in self.runs.items():
+            for row in rows:
+                writer.writerow({"k": k, **{f: row.get(f) for f in writer.fieldnames if f != "k"}})
+        return buf.getvalue()
+
+
+def evaluate_fewshot(
+    method: str,
+    data: str | Path | Dataset,
+    *,
+    shots: list[int],
+    seeds: list[int],
+    config: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> FewShotResult:
+    """For each k and seed: sample k normal training images (seeded), fit, evaluate on the
+    full test split. The method's ``fewshot_config`` applies under the user's ``config``."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    make_detector(method)  # registers methods and validates the name
+    base = {**REGISTRY[method].fewshot_config, **(config or {})}
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for k in shots:
+        for seed in seeds:
+            result = evaluate(method, ds, config=base, train=sample_shots(ds.train, k, seed), progress=progress)
+            overall = next(r for r in result.rows if r["defect"] == "overall")
+            runs.setdefault(k, []).append({**overall, **result.cost, "seed": seed})
+    return FewShotResult(method, str(ds.root), runs)

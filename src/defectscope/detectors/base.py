@@ -42,6 +42,8 @@ class Detector(ABC):
 
     name: ClassVar[str]
     needs_training_images: ClassVar[bool] = True
+    # Options the k-shot protocol applies under the user's own (e.g. PatchCore keeps its whole bank).
+    fewshot_config: ClassVar[dict[str, Any]] = {}
     preprocess: Preprocess
 
     @abstractmethod

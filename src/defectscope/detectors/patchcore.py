@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -39,6 +39,8 @@ class PatchCore(CNNDetector):
     """PatchCore; full-shot with a 1% coreset by default, few-shot with ``coreset_ratio=1``."""
 
     name = "patchcore"
+    # A few images give a few thousand patches: keep them all (no coreset) in the k-shot protocol.
+    fewshot_config: ClassVar[dict[str, Any]] = {"coreset_ratio": 1.0}
 
     def __init__(
         self,
