@@ -104,11 +104,12 @@ class PaDiM(CNNDetector):
                 n = total
             if progress:
                 progress("features", n, 0)
-        if n < 2:
-            raise ConfigError("PaDiM needs at least two training images to estimate a covariance.")
-        cov = scatter / (n - 1) + self.eps * torch.eye(self.d)
+        if mean is None:
+            raise ConfigError("PaDiM got no training images.")
+        # One image (1-shot) has no spread: the covariance is then eps * I alone.
+        cov = scatter / max(n - 1, 1) + self.eps * torch.eye(self.d)
         self.mean = mean
-        self.inv_cov = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        self.inv_cov = torch.cholesky_inverse(torch.linalg.cholesky(cov)).contiguous()
         self.timings = {"fit_s": time.perf_counter() - t0, "images": float(n)}
         return self
 

@@ -1,0 +1,75 @@
+"""PaDiM and SPADE: same contract, save/load, streaming statistics, floors on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectscope.artifacts import load_detector, save_detector
+from defectscope.data.datasets import iter_samples, load_dataset
+from defectscope.detectors import make_detector
+from defectscope.errors import ConfigError
+from defectscope.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def weld(battery: Path):
+    return load_dataset(battery)
+
+
+@pytest.mark.parametrize("method", ["padim", "spade"])
+def test_save_load_predict_identical(method: str, weld, tmp_path: Path) -> None:
+    det = make_detector(method)
+    det.fit(iter_samples(weld.train[:6], det.preprocess))
+    x = torch.stack([s.image for s in iter_samples(weld.test[:2], det.preprocess)])
+    before = det.predict(x)
+    loaded = load_detector(save_detector(det, tmp_path / "m.dscope"))
+    after = loaded.predict(x)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+    assert before.maps.shape == (2, *x.shape[-2:])
+
+
+def test_padim_streaming_matches_direct_covariance(weld) -> None:
+    det = make_detector("padim", batch_size=3, d=20)
+    samples = list(iter_samples(weld.train[:7], det.preprocess))
+    det.fit(samples)
+    e = det.embed(torch.stack([s.image for s in samples])).double()  # 7 x h x w x d
+    mean = e.mean(0)
+    c = e - mean
+    cov = torch.einsum("nhwi,nhwj->hwij", c, c) / 6 + 0.01 * torch.eye(20, dtype=torch.float64)
+    assert torch.allclose(det.mean.double(), mean, atol=1e-4)
+    identity = det.inv_cov.double() @ cov  # float32 inverse of a matrix with condition ~1e4
+    assert (identity - torch.eye(20, dtype=torch.float64)).abs().max() < 1e-2
+
+
+def test_padim_float16_storage_and_aligned_only(weld, tmp_path: Path) -> None:
+    det = make_detector("padim", storage="float16")
+    det.fit(iter_samples(weld.train[:4], det.preprocess))
+    assert det.info["covariance_mb"] == pytest.approx(det.inv_cov.numel() * 2 / 2**20)
+    loaded = load_detector(save_detector(det, tmp_path / "h.dscope"))
+    assert loaded.inv_cov.dtype == torch.float16
+    x = torch.stack([s.image for s in iter_samples(weld.test[:2], det.preprocess)])
+    assert torch.allclose(loaded.predict(x).scores, det.predict(x).scores, rtol=2e-2)
+    with pytest.raises(ConfigError, match="one input size"):
+        make_detector("padim", preprocess={"resize": "aspect"})
+
+
+def test_spade_caps_k_at_training_size(weld) -> None:
+    det = make_detector("spade", k=50)
+    det.fit(iter_samples(weld.train[:3], det.preprocess))
+    s = next(iter_samples(weld.test[:1], det.preprocess))
+    pred = det.predict(s.image[None])
+    assert torch.isfinite(pred.scores).all() and pred.maps.shape[-2:] == s.image.shape[-2:]
+
+
+def overall(method: str, data: Path) -> dict:
+    return next(r for r in evaluate(method, data).rows if r["defect"] == "overall")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, image_floor, pixel_floor", [("padim", 0.68, 0.85), ("spade", 0.63, 0.89)])
+def test_battery_weld_floors(method: str, image_floor: float, pixel_floor: float, battery: Path) -> None:
+    row = overall(method, battery)
+    assert row["image_auroc"] >= image_floor and row["pixel_auroc"] >= pixel_floor
