@@ -172,6 +172,35 @@ def evaluate(
 
 
 @app.command()
+def synth(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (uses train/good) or a folder of normal images.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the synthetic MVTec-layout dataset.")],
+    kinds: Annotated[str, typer.Option(help="Comma-separated: perlin, cutpaste, scar, scratch, texture, noise, poisson.")] = "perlin,cutpaste,poisson",
+    n: Annotated[int, typer.Option("--n", help="Defective images per kind.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same images.")] = 0,
+    textures: Annotated[Optional[Path], typer.Option(help="Folder of texture images (DTD-style) for texture/perlin.")] = None,  # noqa: UP045
+    foreground: Annotated[bool, typer.Option(help="Keep defects on the Otsu foreground.")] = False,
+    preview: Annotated[Optional[Path], typer.Option(help="Write a contact sheet PNG (original | synthetic | mask).")] = None,  # noqa: UP045
+) -> None:
+    """Make a synthetic test split with exact masks from normal images."""
+    from defectscope.synthesis.split import make_synthetic_split
+
+    def job() -> None:
+        with _progress() as report:
+            summary = make_synthetic_split(
+                data, out, kinds=[k.strip() for k in kinds.split(",")], n=n, seed=seed,
+                textures=textures, foreground=foreground, preview=preview, progress=report,
+            )
+        console.print(
+            f"wrote {out}: train/good {summary.train}, test/good {summary.good}, "
+            + ", ".join(f"{k} {v}" for k, v in summary.per_kind.items())
+            + (f"; preview {summary.preview}" if summary.preview else "")
+        )
+
+    _run(job)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's model, report and heatmaps.")] = Path("demo_output"),
     method: Method = "patchcore",

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder
+from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES, load_image, to_original
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import DataError
@@ -27,14 +27,6 @@ from defectscope.thresholds import Threshold, choose
 
 log = logging.getLogger("defectscope")
 MIN_HOLDOUT = 10  # below this many training images, none are held out for the threshold
-
-
-def training_records(data: str | Path) -> list[Record]:
-    """Normal training images: ``train/good`` of a dataset folder, or a plain image folder."""
-    data = Path(data)
-    if (data / "train" / "good").is_dir() or (data / "split_csv").is_dir():
-        return load_dataset(data).train
-    return load_folder(data)
 
 
 def split_holdout(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

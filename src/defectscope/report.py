@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -33,6 +33,29 @@ def save_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, *, vmin
     sheet = Image.new("RGB", (left.width * 2 + 4, left.height), (255, 255, 255))
     sheet.paste(left, (0, 0))
     sheet.paste(right, (left.width + 4, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _thumb(arr: np.ndarray, cell: int) -> Image.Image:
+    img = Image.fromarray(arr if arr.dtype == np.uint8 else (arr.astype(np.uint8) * 255)).convert("RGB")
+    img.thumbnail((cell, cell))
+    return img
+
+
+def contact_sheet(rows: list[list[np.ndarray]], path: Path, *, cell: int = 160, labels: list[str] | None = None) -> Path:
+    """A grid of images (uint8 arrays or bool masks), one list per row, saved as PNG."""
+    cols = max(len(r) for r in rows)
+    pad, label_h = 4, 14 if labels else 0
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + pad + label_h) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        y = pad + r * (cell + pad + label_h)
+        if labels:
+            draw.text((pad, y), labels[r], fill=(0, 0, 0))
+        for c, arr in enumerate(row):
+            sheet.paste(_thumb(arr, cell), (pad + c * (cell + pad), y + label_h))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path

@@ -186,6 +186,14 @@ def load_folder(folder: str | Path) -> list[Record]:
     return [Record(p) for p in list_images(folder)]
 
 
+def training_records(data: str | Path) -> list[Record]:
+    """Normal training images: ``train/good`` of a dataset folder, or a plain image folder."""
+    data = Path(data)
+    if (data / "train" / GOOD).is_dir() or (data / "split_csv").is_dir():
+        return load_dataset(data).train
+    return load_folder(data)
+
+
 def load_sample(rec: Record, pre: Preprocess) -> Sample:
     """Decode one record into a Sample at network size."""
     image, geo = pre.image(load_image(rec.path))

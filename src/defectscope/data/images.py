@@ -65,6 +65,13 @@ def load_image(path: str | Path) -> np.ndarray:
     return arr
 
 
+def load_image_uint8(path: str | Path) -> np.ndarray:
+    """Read an image as uint8 in its own colour mode: H x W for greyscale, H x W x 3 otherwise."""
+    arr = _to_float_array(_open(Path(path), "image"))
+    arr = arr[..., 0] if arr.shape[2] == 1 else arr
+    return np.rint(arr * 255.0).astype(np.uint8)
+
+
 def load_mask(path: str | Path) -> np.ndarray:
     """Read a ground-truth mask as bool H x W (any non-zero pixel is defective)."""
     arr = _to_float_array(_open(Path(path), "mask"))
