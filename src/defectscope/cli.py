@@ -114,17 +114,31 @@ def fit(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Argument(help="Model file from `defectscope fit`.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    inputs: Annotated[list[Path], typer.Argument(help="MODEL IMAGES... (model file, then image files or folders); with --method, only IMAGES...")],
     out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.json and heatmaps.")] = Path("predictions"),
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Zero-shot method that needs no model file (e.g. musc).")] = None,  # noqa: UP045
+    size: Size = 256,
+    resize: Resize = None,
+    options: Options = None,
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's threshold.")] = None,  # noqa: UP045
     heatmaps: Annotated[bool, typer.Option(help="Write heatmap overlay PNGs.")] = True,
 ) -> None:
-    """Score images with a fitted model; write scores and heatmap overlays."""
+    """Score images with a fitted model (or a zero-shot --method); write scores and heatmaps."""
 
     def job() -> None:
-        detector = load_detector(model)
-        extra = read_manifest(model).get("extra", {})
+        extra: dict[str, Any] = {}
+        if method is not None:
+            detector = make_detector(method, **_config(size, resize, options))
+            if detector.needs_training_images:
+                raise DefectscopeError(f"{method} learns from normal images: run `defectscope fit DATA -m {method}` and pass the model file.")
+            detector.fit(None)
+            images = inputs
+        else:
+            if len(inputs) < 2:
+                raise DefectscopeError("Give a model file and at least one image or folder (or a zero-shot --method).")
+            detector = load_detector(inputs[0])
+            extra = read_manifest(inputs[0]).get("extra", {})
+            images = inputs[1:]
         thr = threshold if threshold is not None else (extra.get("threshold") or {}).get("value")
         paths = pipeline.expand_images(images)
         with _progress() as report:

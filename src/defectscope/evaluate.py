@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from defectscope.data.datasets import Dataset, Record, batches, iter_samples, load_dataset
+from defectscope.data.datasets import Dataset, Record, iter_samples, load_dataset
 from defectscope.data.images import crop_content
 from defectscope.data.fewshot import sample_shots
 from defectscope.detectors.base import REGISTRY, Detector, Progress, make_detector
@@ -103,8 +102,7 @@ def score_records(
     """Run the detector over records; keep scores, content-cropped maps and masks."""
     scores, labels, maps, masks = [], [], [], []
     done = 0
-    for batch in batches(iter_samples(records, detector.preprocess), batch_size):
-        pred = detector.predict(torch.stack([s.image for s in batch]))
+    for batch, pred in detector.predict_samples(iter_samples(records, detector.preprocess), batch_size):
         for s, score, amap in zip(batch, pred.scores, pred.maps, strict=True):
             scores.append(float(score))
             labels.append(s.label)

@@ -102,17 +102,16 @@ def predict_to_folder(
         raise DataError(f"{clash[0]} already exists ({len(clash)} output files would be overwritten); use an empty --out folder.")
     rows: list[dict[str, Any]] = []
     results = []
-    for i, sample in enumerate(iter_samples([Record(p) for p in paths], detector.preprocess)):
-        pred = detector.predict(sample.image[None])
-        amap = to_original(pred.maps[0], sample.geometry)
-        score = float(pred.scores[0])
-        row = {"path": sample.path, "score": score}
-        if threshold is not None:
-            row["defective"] = bool(score >= threshold)
-        rows.append(row)
-        results.append((Path(sample.path), amap.numpy().astype(np.float16)))
+    samples = iter_samples([Record(p) for p in paths], detector.preprocess)
+    for group, pred in detector.predict_samples(samples, batch_size=1):
+        for sample, score, amap in zip(group, pred.scores.tolist(), pred.maps, strict=True):
+            row = {"path": sample.path, "score": score}
+            if threshold is not None:
+                row["defective"] = bool(score >= threshold)
+            rows.append(row)
+            results.append((Path(sample.path), to_original(amap, sample.geometry).numpy().astype(np.float16)))
         if progress:
-            progress("predict", i + 1, len(paths))
+            progress("predict", len(rows), len(paths))
     if overlays:
         lo, hi = map_range or (min(float(m.min()) for _, m in results), max(float(m.max()) for _, m in results))
         for path, amap in results:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from functools import lru_cache
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -54,9 +54,14 @@ class Detector(ABC):
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Score a batch N x 3 x H x W in [0, 1]; maps come back at H x W."""
 
-    def predict_samples(self, samples: Iterable[Sample], batch_size: int = 8) -> list[Prediction]:
-        """Score many samples (grouped into equal-size batches); one Prediction per batch."""
-        return [self.predict(torch.stack([s.image for s in b])) for b in batches(iter(samples), batch_size)]
+    def predict_samples(self, samples: Iterable[Sample], batch_size: int = 8) -> Iterator[tuple[list[Sample], Prediction]]:
+        """Score many samples: yields (samples, their Prediction) group by group.
+
+        Inductive methods score equal-size batches independently; transductive methods
+        (which score images against each other, e.g. MuSc) override this to see them all.
+        """
+        for b in batches(iter(samples), batch_size):
+            yield b, self.predict(torch.stack([s.image for s in b]))
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class PatchCore(CNNDetector):
         dim: int | None = None,
         num_neighbors: int = 9,
         image_score: str = "paper",
-        knn_backend: str = "auto",
+        knn_backend: str = "torch",
         seed: int = 0,
         batch_size: int = 8,
         **cnn: Any,
