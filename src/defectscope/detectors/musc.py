@@ -43,7 +43,7 @@ class MuSc(CNNDetector):
         *,
         radii: tuple[int, ...] = (1, 3, 5),
         fraction: float = 0.3,
-        max_refs: int = 32,
+        max_refs: int = 16,
         topk: float = 0.01,
         rescore: bool = True,
         neighbours: int = 5,
