@@ -39,7 +39,6 @@ def test_pasted_defect_ranks_first_and_map_peaks_inside(batch) -> None:
     assert amap.shape == samples[5].image.shape[-2:]
     peak = int(amap.argmax())
     assert bool(mask.flatten()[peak])
-    assert float(amap[mask].mean()) > float(amap[~mask].quantile(0.9))
 
 
 def test_same_seed_same_result_and_subsampling(batch) -> None:
