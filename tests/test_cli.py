@@ -55,3 +55,12 @@ def test_fit_predict_evaluate(small_mvtec: Path, tmp_path: Path) -> None:
 def test_user_errors_exit_cleanly(args: tuple[str, ...], message: str) -> None:
     code, out = run(*args)
     assert code == 2 and message in out.replace("\n", " ")
+
+
+def test_zero_shot_predict_needs_no_model(small_mvtec: Path, tmp_path: Path) -> None:
+    code, out = run("predict", "--method", "musc", str(small_mvtec / "test"), "--out", str(tmp_path / "z"))
+    assert code == 0, out
+    rows = json.loads((tmp_path / "z/scores.json").read_text())["images"]
+    assert len(rows) == 8 and all("defective" not in r for r in rows)  # no threshold without normal data
+    code, out = run("predict", "--method", "patchcore", str(small_mvtec / "test"))
+    assert code == 2 and "defectscope fit" in out
