@@ -30,6 +30,10 @@ Options = Annotated[
     Optional[list[str]],  # noqa: UP045 - typer needs Optional here
     typer.Option("--set", help="Method option KEY=VALUE (JSON values), e.g. --set coreset_ratio=0.1."),
 ]
+ClassName = Annotated[
+    Optional[str],  # noqa: UP045 - typer needs Optional here
+    typer.Option("--class-name", help="The product's name, for text-prompted methods (e.g. winclip)."),
+]
 Size = Annotated[int, typer.Option(help="Network input size in pixels (long side, see --resize).")]
 Resize = Annotated[
     Optional[str],  # noqa: UP045 - typer needs Optional here
@@ -37,9 +41,11 @@ Resize = Annotated[
 ]
 
 
-def _config(size: int, resize: str | None, options: list[str] | None) -> dict[str, Any]:
+def _config(size: int, resize: str | None, options: list[str] | None, class_name: str | None = None) -> dict[str, Any]:
     preprocess: dict[str, Any] = {"size": size} if resize is None else {"size": size, "resize": resize}
     config: dict[str, Any] = {"preprocess": preprocess}
+    if class_name is not None:
+        config["class_name"] = class_name
     for item in options or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -93,6 +99,7 @@ def fit(
     size: Size = 256,
     resize: Resize = None,
     options: Options = None,
+    class_name: ClassName = None,
     holdout: Annotated[float, typer.Option(help="Fraction of normal images held out to set the threshold.")] = 0.1,
     validation: Annotated[Optional[Path], typer.Option(help="MVTec-layout folder whose test split sets an F1-optimal threshold.")] = None,  # noqa: UP045
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
@@ -102,7 +109,7 @@ def fit(
     def job() -> None:
         if output.exists() and not overwrite:
             raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
-        detector = make_detector(method, **_config(size, resize, options))
+        detector = make_detector(method, **_config(size, resize, options, class_name))
         with _progress() as report:
             fitted = pipeline.fit(detector, data, holdout=holdout, validation=validation, progress=report)
         save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
@@ -120,6 +127,7 @@ def predict(
     size: Size = 256,
     resize: Resize = None,
     options: Options = None,
+    class_name: ClassName = None,
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's threshold.")] = None,  # noqa: UP045
     heatmaps: Annotated[bool, typer.Option(help="Write heatmap overlay PNGs.")] = True,
 ) -> None:
@@ -128,7 +136,7 @@ def predict(
     def job() -> None:
         extra: dict[str, Any] = {}
         if method is not None:
-            detector = make_detector(method, **_config(size, resize, options))
+            detector = make_detector(method, **_config(size, resize, options, class_name))
             if detector.needs_training_images:
                 raise DefectscopeError(f"{method} learns from normal images: run `defectscope fit DATA -m {method}` and pass the model file.")
             detector.fit(None)
@@ -158,6 +166,7 @@ def evaluate(
     size: Size = 256,
     resize: Resize = None,
     options: Options = None,
+    class_name: ClassName = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv or .json).")] = None,  # noqa: UP045
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,
     shots: Annotated[Optional[str], typer.Option(help="k-shot protocol: comma-separated k, e.g. 1,2,4,8.")] = None,  # noqa: UP045
@@ -166,7 +175,7 @@ def evaluate(
     """Fit on train/good (or k sampled shots), score the test split, print the metric table."""
 
     def job() -> None:
-        config = _config(size, resize, options)
+        config = _config(size, resize, options, class_name)
         with _progress() as report:
             if shots:
                 try:

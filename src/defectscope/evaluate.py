@@ -22,7 +22,7 @@ from defectscope.data.datasets import Dataset, Record, iter_samples, load_datase
 from defectscope.data.images import crop_content
 from defectscope.data.fewshot import sample_shots
 from defectscope.detectors.base import REGISTRY, Detector, Progress, make_detector
-from defectscope.errors import DataError
+from defectscope.errors import ConfigError, DataError
 from defectscope.metrics import image_metrics, pixel_metrics
 
 COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
@@ -148,8 +148,9 @@ def evaluate(
     det = make_detector(detector, **(config or {})) if isinstance(detector, str) else detector
     reset_peak_rss()
     t0 = time.perf_counter()
+    uses_images = det.needs_training_images or train is not None  # e.g. WinCLIP+ given k shots
     train = ds.train if train is None else train
-    det.fit(iter_samples(train, det.preprocess) if det.needs_training_images else None, progress=progress)
+    det.fit(iter_samples(train, det.preprocess) if uses_images else None, progress=progress)
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     scored = score_records(det, ds.test, batch_size=batch_size, progress=progress)
@@ -158,7 +159,7 @@ def evaluate(
         "fit_s": fit_s,
         "predict_ms_per_image": 1000 * predict_s / len(ds.test),
         "peak_rss_mb": peak_rss_mb(),
-        "train_images": float(len(train)),
+        "train_images": float(len(train) if uses_images else 0),
     }
     return EvalResult(det.name, str(ds.root), metric_rows(scored, ds.defects), cost, det.config())
 
@@ -217,7 +218,10 @@ def evaluate_fewshot(
     """For each k and seed: sample k normal training images (seeded), fit, evaluate on the
     full test split. The method's ``fewshot_config`` applies under the user's ``config``."""
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    make_detector(method)  # registers methods and validates the name
+    import defectscope.detectors  # noqa: F401 - registers every method
+
+    if method not in REGISTRY:
+        raise ConfigError(f"Unknown method {method!r}; available: {', '.join(sorted(REGISTRY))}.")
     base = {**REGISTRY[method].fewshot_config, **(config or {})}
     runs: dict[int, list[dict[str, Any]]] = {}
     for k in shots:
