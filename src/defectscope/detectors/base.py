@@ -31,11 +31,6 @@ class Prediction:
     scores: torch.Tensor
     maps: torch.Tensor
 
-    @staticmethod
-    def concat(parts: Sequence[Prediction]) -> Prediction:
-        """Join predictions of equal map size (used when batches share a size)."""
-        return Prediction(torch.cat([p.scores for p in parts]), torch.cat([p.maps for p in parts]))
-
 
 class Detector(ABC):
     """What every method provides. Scores: higher = more anomalous."""
