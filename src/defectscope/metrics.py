@@ -36,7 +36,7 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def weighted_curve(scores: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray) -> Curve:
     """Curve where each item adds its own weight to TP and FP (0/1 weights = ordinary ROC)."""
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-scores)  # order inside a tie does not matter: ties are grouped below
     s = scores[order]
     tp = np.cumsum(pos_w[order], dtype=np.float64)
     fp = np.cumsum(neg_w[order], dtype=np.float64)
