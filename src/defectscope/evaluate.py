@@ -21,8 +21,8 @@ import numpy as np
 from defectscope.data.datasets import Dataset, Record, iter_samples, load_dataset
 from defectscope.data.images import crop_content
 from defectscope.data.fewshot import sample_shots
-from defectscope.detectors.base import REGISTRY, Detector, Progress, make_detector
-from defectscope.errors import ConfigError, DataError
+from defectscope.detectors.base import Detector, Progress, make_detector, method_class
+from defectscope.errors import DataError
 from defectscope.metrics import image_metrics, pixel_metrics
 
 COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
@@ -218,11 +218,7 @@ def evaluate_fewshot(
     """For each k and seed: sample k normal training images (seeded), fit, evaluate on the
     full test split. The method's ``fewshot_config`` applies under the user's ``config``."""
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    import defectscope.detectors  # noqa: F401 - registers every method
-
-    if method not in REGISTRY:
-        raise ConfigError(f"Unknown method {method!r}; available: {', '.join(sorted(REGISTRY))}.")
-    base = {**REGISTRY[method].fewshot_config, **(config or {})}
+    base = {**method_class(method).fewshot_config, **(config or {})}
     runs: dict[int, list[dict[str, Any]]] = {}
     for k in shots:
         for seed in seeds:

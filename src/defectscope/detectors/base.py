@@ -92,14 +92,20 @@ def register(cls: type[Detector]) -> type[Detector]:
     return cls
 
 
-def make_detector(name: str, **config: Any) -> Detector:
-    """Instantiate a registered method by name with the given hyper-parameters."""
+def method_class(name: str) -> type[Detector]:
+    """The registered detector class for ``name`` (a clear error for an unknown name)."""
     import defectscope.detectors  # noqa: F401 - importing the package registers every method
 
     if name not in REGISTRY:
         raise ConfigError(f"Unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}.")
+    return REGISTRY[name]
+
+
+def make_detector(name: str, **config: Any) -> Detector:
+    """Instantiate a registered method by name with the given hyper-parameters."""
+    cls = method_class(name)
     try:
-        return REGISTRY[name](**config)
+        return cls(**config)
     except TypeError as exc:
         raise ConfigError(f"Bad option for {name}: {exc}.") from exc
 
