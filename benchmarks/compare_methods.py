@@ -23,7 +23,7 @@ def run_one(method: str, dataset: str) -> dict:
     from defectscope.evaluate import evaluate
 
     result = evaluate(method, DATASETS / dataset)
-    row = next(r for r in result.rows if r["defect"] == "overall")
+    row = result.overall
     return {**{k: row.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}, **result.cost}
 
 

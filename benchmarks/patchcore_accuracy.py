@@ -28,7 +28,7 @@ def main() -> None:
     for name in args.datasets.split(","):
         for mode in args.modes.split(","):
             result = evaluate("patchcore", DATASETS / name, config={"preprocess": {"size": args.size, "resize": mode}})
-            r = next(row for row in result.rows if row["defect"] == "overall")
+            r = result.overall
             print(
                 f"| {name} | {mode} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
                 f"{r['image_ap']:.3f} | {r['pixel_ap']:.3f} | {result.cost['fit_s']:.1f} | {result.cost['predict_ms_per_image']:.1f} |",

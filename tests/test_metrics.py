@@ -77,6 +77,10 @@ def test_aupro_matches_slow_reference(seed: int) -> None:
     if not any(m.any() for m in masks):
         masks[0][2:5, 2:5] = True
     assert aupro(maps, masks) == pytest.approx(slow_aupro(maps, masks), abs=1e-9)
+    shared_sort = pixel_metrics(maps, masks)  # ROC and PRO curves from one sort
+    assert shared_sort["aupro"] == pytest.approx(slow_aupro(maps, masks), abs=1e-6)
+    flat_maps, flat_masks = np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks])
+    assert shared_sort["pixel_auroc"] == pytest.approx(auroc(flat_maps, flat_masks), abs=1e-6)
 
 
 def test_perfect_and_inverted_maps() -> None:

@@ -16,13 +16,9 @@ from defectscope.detectors import make_detector
 from defectscope.evaluate import evaluate
 
 
-def overall(result) -> dict:
-    return next(r for r in result.rows if r["defect"] == "overall")
-
-
 @pytest.mark.slow
 def test_battery_weld_floors(battery: Path) -> None:
-    row = overall(evaluate("patchcore", battery))
+    row = evaluate("patchcore", battery).overall
     print(row)
     assert row["image_auroc"] >= 0.90
     assert row["pixel_auroc"] >= 0.84
@@ -32,7 +28,7 @@ def test_battery_weld_floors(battery: Path) -> None:
 @pytest.mark.slow
 def test_magnetic_tile_floors(magnetic: Path) -> None:
     result = evaluate("patchcore", magnetic)
-    row = overall(result)
+    row = result.overall
     print(result.to_markdown())
     assert row["image_auroc"] >= 0.92
     assert row["pixel_auroc"] >= 0.80

@@ -69,6 +69,11 @@ class EvalResult:
     cost: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def overall(self) -> dict[str, Any]:
+        """The row over the whole test split."""
+        return next(r for r in self.rows if r["defect"] == "overall")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
 
@@ -223,6 +228,5 @@ def evaluate_fewshot(
     for k in shots:
         for seed in seeds:
             result = evaluate(method, ds, config=base, train=sample_shots(ds.train, k, seed), progress=progress)
-            overall = next(r for r in result.rows if r["defect"] == "overall")
-            runs.setdefault(k, []).append({**overall, **result.cost, "seed": seed})
+            runs.setdefault(k, []).append({**result.overall, **result.cost, "seed": seed})
     return FewShotResult(method, str(ds.root), runs)

@@ -34,19 +34,30 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return scores, labels
 
 
-def weighted_curve(scores: np.ndarray, pos_w: np.ndarray, neg_w: np.ndarray) -> Curve:
-    """Curve where each item adds its own weight to TP and FP (0/1 weights = ordinary ROC)."""
+def weighted_curves(scores: np.ndarray, *weights: tuple[np.ndarray, np.ndarray]) -> list[Curve]:
+    """Curves where each item adds its own weight to TP and FP (0/1 weights = ordinary ROC).
+
+    All (positive, negative) weight pairs share one sort of ``scores``: pixel metrics need
+    two curves (ROC/PR and PRO) over the same tens of millions of pixels.
+    """
     order = np.argsort(-scores)  # order inside a tie does not matter: ties are grouped below
     s = scores[order]
-    tp = np.cumsum(pos_w[order], dtype=np.float64)
-    fp = np.cumsum(neg_w[order], dtype=np.float64)
     last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    return Curve(s[last], tp[last], fp[last], float(tp[-1]), float(fp[-1]))
+    out = []
+    for pos_w, neg_w in weights:
+        tp = np.cumsum(pos_w[order], dtype=np.float64)
+        fp = np.cumsum(neg_w[order], dtype=np.float64)
+        out.append(Curve(s[last], tp[last], fp[last], float(tp[-1]), float(fp[-1])))
+    return out
 
 
 def curve(scores: np.ndarray, labels: np.ndarray) -> Curve:
     scores, labels = _check(scores, labels)
-    return weighted_curve(scores, labels.astype(np.float64), (~labels).astype(np.float64))
+    return weighted_curves(scores, _label_weights(labels))[0]
+
+
+def _label_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return labels.astype(np.float64), (~labels).astype(np.float64)
 
 
 def _defined(c: Curve) -> bool:
@@ -102,25 +113,32 @@ def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: fl
     carries weight 1 / (|region| * n_regions), so the cumulative sum of weights along the
     sorted scores *is* PRO(t): one sort gives the exact curve.
     """
-    scores, pro_w, fpr_w = [], [], []
-    n_regions = 0
-    structure = np.ones((3, 3), dtype=bool)
-    for m in masks:
-        n_regions += ndimage.label(np.asarray(m, dtype=bool), structure=structure)[1]
-    if n_regions == 0:
+    weights = pro_weights(masks)
+    if weights is None:
         return float("nan")
-    n_normal = sum(int((~np.asarray(m, dtype=bool)).sum()) for m in masks)
-    for amap, m in zip(maps, masks, strict=True):
-        m = np.asarray(m, dtype=bool)
-        labels, k = ndimage.label(m, structure=structure)
-        w = np.zeros(m.shape, dtype=np.float64)
-        if k:
-            sizes = np.bincount(labels.ravel(), minlength=k + 1).astype(np.float64)
-            w[m] = 1.0 / (sizes[labels[m]] * n_regions)
-        scores.append(np.asarray(amap, dtype=np.float64).ravel())
-        pro_w.append(w.ravel())
-        fpr_w.append((~m).ravel().astype(np.float64) / max(n_normal, 1))
-    c = weighted_curve(np.concatenate(scores), np.concatenate(pro_w), np.concatenate(fpr_w))
+    scores = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps])
+    return pro_area(weighted_curves(scores, weights)[0], fpr_limit)
+
+
+def pro_weights(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-pixel (PRO weight, FPR weight) over the concatenated masks; None without regions."""
+    structure = np.ones((3, 3), dtype=bool)
+    labelled = [ndimage.label(np.asarray(m, dtype=bool), structure=structure) for m in masks]
+    n_regions = sum(k for _, k in labelled)
+    if n_regions == 0:
+        return None
+    n_normal = sum(int((lab == 0).sum()) for lab, _ in labelled)
+    pro_w, fpr_w = [], []
+    for lab, k in labelled:
+        sizes = np.bincount(lab.ravel(), minlength=k + 1).astype(np.float64)
+        sizes[0] = np.inf  # background pixels carry no PRO weight
+        pro_w.append((1.0 / (sizes[lab] * n_regions)).ravel())
+        fpr_w.append((lab == 0).ravel() / max(n_normal, 1))
+    return np.concatenate(pro_w), np.concatenate(fpr_w)
+
+
+def pro_area(c: Curve, fpr_limit: float) -> float:
+    """Normalised area under PRO(FPR) from 0 to ``fpr_limit`` (interpolated at the limit)."""
     fpr, pro = np.r_[0.0, c.fp], np.r_[0.0, c.tp]
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     if cut < fpr.size:
@@ -153,14 +171,17 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3) -> dict[str, float]:
-    """Pixel AUROC, AP, F1-max over all pixels of the set, and AUPRO."""
+    """Pixel AUROC, AP, F1-max over all pixels of the set, and AUPRO (one shared sort)."""
     flat_maps = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
     flat_masks = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
-    c = curve(flat_maps, flat_masks)
+    scores, labels = _check(flat_maps, flat_masks)
     del flat_maps, flat_masks
+    pro = pro_weights(masks)
+    curves = weighted_curves(scores, _label_weights(labels), *([pro] if pro is not None else []))
+    c = curves[0]
     return {
         "pixel_auroc": curve_auroc(c),
         "pixel_ap": curve_ap(c),
         "pixel_f1max": curve_f1_max(c)[0],
-        "aupro": aupro(maps, masks, fpr_limit),
+        "aupro": pro_area(curves[1], fpr_limit) if pro is not None else float("nan"),
     }
