@@ -11,8 +11,9 @@ import torch
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
 from defectscope.detectors import make_detector
+from defectscope.detectors.base import training_options
 from defectscope.errors import ConfigError
-from defectscope.evaluate import evaluate_fewshot
+from defectscope.evaluate import evaluate, evaluate_fewshot
 from helpers import defect_crop, paste_defect
 
 
@@ -42,12 +43,23 @@ def test_protocol_is_reproducible_and_reports_mean_std(small_mvtec: Path) -> Non
     assert "± " in first.to_markdown()
 
 
-def test_patchcore_keeps_whole_bank_under_protocol(small_mvtec: Path) -> None:
-    result = evaluate_fewshot("patchcore", small_mvtec, shots=[1], seeds=[0])
-    assert result.runs[1][0]["image_auroc"] >= 0.0  # ran; bank size is checked below
-    det = make_detector("patchcore", coreset_ratio=1.0)
+def test_few_images_get_few_shot_settings_unless_the_user_says_otherwise(small_mvtec: Path) -> None:
     ds = load_dataset(small_mvtec)
-    det.fit(iter_samples(ds.train[:1], det.preprocess))
+    few = evaluate("patchcore", ds, train=ds.train[:2])
+    assert few.config["coreset_ratio"] == 1.0  # PatchCore keeps its whole bank
+    assert evaluate("patchcore", ds).config["coreset_ratio"] == 0.01  # 12 images: full-shot default
+    mine = evaluate("patchcore", ds, train=ds.train[:2], config={"coreset_ratio": 0.5})
+    assert mine.config["coreset_ratio"] == 0.5
+    protocol = evaluate_fewshot("patchcore", ds, shots=[1], seeds=[0])
+    assert protocol.runs[1][0]["image_auroc"] == pytest.approx(
+        evaluate("patchcore", ds, config={"coreset_ratio": 1.0}, train=sample_shots(ds.train, 1, 0)).overall["image_auroc"]
+    )
+    assert training_options("fastrecon", 1, {"lam": 3.0}) == {"lam": 3.0}
+
+
+def test_whole_bank_keeps_every_patch(small_mvtec: Path) -> None:
+    det = make_detector("patchcore", **training_options("patchcore", 1))
+    det.fit(iter_samples(load_dataset(small_mvtec).train[:1], det.preprocess))
     assert det.bank.shape[0] == det.timings["patches"]
 
 

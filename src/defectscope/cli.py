@@ -16,9 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
-from defectscope.detectors.base import make_detector
+from defectscope.data.datasets import load_dataset, training_records
+from defectscope.detectors.base import make_detector, training_options
 from defectscope.errors import DefectscopeError
-from defectscope.data.datasets import load_dataset
 from defectscope.evaluate import evaluate as run_evaluate
 from defectscope.evaluate import evaluate_fewshot
 
@@ -109,9 +109,12 @@ def fit(
     def job() -> None:
         if output.exists() and not overwrite:
             raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
-        detector = make_detector(method, **_config(size, resize, options, class_name))
+        config = _config(size, resize, options, class_name)
+        make_detector(method, **config)  # a wrong method or option fails before any image is read
+        records = training_records(data)
+        detector = make_detector(method, **training_options(method, len(records), config))
         with _progress() as report:
-            fitted = pipeline.fit(detector, data, holdout=holdout, validation=validation, progress=report)
+            fitted = pipeline.fit(detector, records, holdout=holdout, validation=validation, progress=report)
         save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
         thr = fitted.threshold
         console.print(f"wrote [bold]{output}[/]" + (f"; threshold {thr.value:.4g} ({thr.method})" if thr else ""))

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from defectscope.data.datasets import Dataset, Record, iter_samples, load_dataset
-from defectscope.data.images import crop_content
 from defectscope.data.fewshot import sample_shots
-from defectscope.detectors.base import Detector, Progress, make_detector, method_class
+from defectscope.data.images import crop_content
+from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
 from defectscope.errors import DataError
 from defectscope.metrics import image_metrics, pixel_metrics
 
@@ -150,11 +150,12 @@ def evaluate(
     ds = data if isinstance(data, Dataset) else load_dataset(data, require_masks=require_masks)
     if not ds.test:
         raise DataError(f"{ds.root} has no test split (test/<defect>/ folders); nothing to evaluate.")
-    det = make_detector(detector, **(config or {})) if isinstance(detector, str) else detector
+    given = train is not None  # e.g. k shots for WinCLIP+, which needs no images otherwise
+    train = ds.train if train is None else train
+    det = make_detector(detector, **training_options(detector, len(train), config)) if isinstance(detector, str) else detector
     reset_peak_rss()
     t0 = time.perf_counter()
-    uses_images = det.needs_training_images or train is not None  # e.g. WinCLIP+ given k shots
-    train = ds.train if train is None else train
+    uses_images = det.needs_training_images or given
     det.fit(iter_samples(train, det.preprocess) if uses_images else None, progress=progress)
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -223,7 +224,7 @@ def evaluate_fewshot(
     """For each k and seed: sample k normal training images (seeded), fit, evaluate on the
     full test split. The method's ``fewshot_config`` applies under the user's ``config``."""
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    base = {**method_class(method).fewshot_config, **(config or {})}
+    base = fewshot_options(method, config)
     runs: dict[int, list[dict[str, Any]]] = {}
     for k in shots:
         for seed in seeds:

@@ -56,18 +56,19 @@ class Fitted:
 
 def fit(
     detector: Detector,
-    data: str | Path | None,
+    data: str | Path | list[Record] | None,
     *,
     holdout: float = 0.1,
     validation: str | Path | None = None,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Fitted:
-    """Fit on the normal images of ``data`` and derive a threshold (see module docstring)."""
+    """Fit on the normal images of ``data`` (a folder or its records) and derive a threshold
+    (see module docstring)."""
     if data is None:
         detector.fit(None, progress=progress)
         return Fitted(detector, None, None)
-    records = training_records(data)
+    records = data if isinstance(data, list) else training_records(data)
     fit_recs, held = split_holdout(records, 0.0 if validation else holdout, seed)
     detector.fit(iter_samples(fit_recs, detector.preprocess), progress=progress)
     val = load_dataset(validation).test if validation else held

@@ -6,11 +6,12 @@ A method is one file in this package that subclasses `Detector` and is decorated
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
-from functools import lru_cache
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar, Self
 
 import torch
@@ -20,6 +21,8 @@ from defectscope.backbones.cnn import CNNBackbone, get_backbone
 from defectscope.data.datasets import Sample, batches
 from defectscope.data.images import Preprocess
 from defectscope.errors import ConfigError
+
+log = logging.getLogger("defectscope")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total; 0 = unknown)
 
@@ -99,6 +102,25 @@ def method_class(name: str) -> type[Detector]:
     if name not in REGISTRY:
         raise ConfigError(f"Unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}.")
     return REGISTRY[name]
+
+
+FEW_SHOT_MAX = 8  # up to this many normal images, a fit is few-shot (the papers' k <= 8)
+
+
+def fewshot_options(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method's few-shot settings with the user's own options on top."""
+    return {**method_class(name).fewshot_config, **(config or {})}
+
+
+def training_options(name: str, n_images: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Options for fitting ``name`` on ``n_images`` normal images: few-shot settings when
+    there are at most FEW_SHOT_MAX (a 1% coreset of two images would keep ten patches)."""
+    if n_images > FEW_SHOT_MAX:
+        return dict(config or {})
+    options = fewshot_options(name, config)
+    if options != (config or {}):
+        log.warning("Only %d normal images: %s uses its few-shot settings %s.", n_images, name, method_class(name).fewshot_config)
+    return options
 
 
 def make_detector(name: str, **config: Any) -> Detector:
