@@ -17,7 +17,7 @@ from pathlib import Path
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
 from defectscope.detectors import make_detector
-from defectscope.detectors.base import method_class
+from defectscope.detectors.base import fewshot_options
 from defectscope.evaluate import evaluate, peak_rss_mb, reset_peak_rss
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -46,7 +46,7 @@ def main() -> None:
         print(row(name, "PatchCore full-shot", evaluate("patchcore", ds)), flush=True)
         for method in ("patchcore", "fastrecon"):
             for k in (1, 4):
-                cfg = dict(method_class(method).fewshot_config)
+                cfg = fewshot_options(method)
                 print(row(name, f"{method} k={k} (seed 0)", evaluate(method, ds, config=cfg, train=sample_shots(ds.train, k, 0))), flush=True)
     if args.scale:
         ds = load_dataset(DATASETS / "magnetic_tile")

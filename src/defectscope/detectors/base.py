@@ -115,10 +115,11 @@ def fewshot_options(name: str, config: dict[str, Any] | None = None) -> dict[str
 def training_options(name: str, n_images: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Options for fitting ``name`` on ``n_images`` normal images: few-shot settings when
     there are at most FEW_SHOT_MAX (a 1% coreset of two images would keep ten patches)."""
+    config = dict(config or {})
     if n_images > FEW_SHOT_MAX:
-        return dict(config or {})
+        return config
     options = fewshot_options(name, config)
-    if options != (config or {}):
+    if options != config:
         log.warning("Only %d normal images: %s uses its few-shot settings %s.", n_images, name, method_class(name).fewshot_config)
     return options
 
