@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| { echo "Install Chromium (Debian: apt-get install chromium): the HTML report test renders in it."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1

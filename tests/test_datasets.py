@@ -104,3 +104,29 @@ def test_visa_csv_layout(tmp_path: Path, battery: Path) -> None:
     sample = next(iter_samples([r for r in ds.test if r.label], Preprocess()))
     assert sample.mask is not None and bool(sample.mask.any())
     assert isinstance(sample.image, torch.Tensor)
+
+
+def test_visa_anomalous_train_rows_never_train(tmp_path: Path, battery: Path) -> None:
+    """A few-shot split file lists anomalous images under `train`; they must not be fitted on."""
+    root = tmp_path / "visa"
+    (root / "split_csv").mkdir(parents=True)
+    rows = []
+    for sub, split, label in (("train/good", "train", "normal"), ("test/defective", "train", "anomaly"), ("test/good", "test", "normal")):
+        for p in sorted((battery / sub).iterdir())[:3]:
+            dest = root / sub / p.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dest)
+            rows.append({"object": "weld", "split": split, "label": label, "image": str(dest.relative_to(root)), "mask": ""})
+    for name in ("0_fewshot.csv", "1cls.csv"):  # 0_fewshot sorts first, so it is the default choice
+        with (root / "split_csv" / name).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    for split_file in (None, "1cls.csv"):
+        ds = load_dataset(root, split_file=split_file, require_masks=False)
+        assert len(ds.train) == 3 and all(r.label == 0 and "train/good" in str(r.path) for r in ds.train)
+    from defectscope.data.fewshot import sample_shots
+
+    assert all(r.label == 0 for seed in range(5) for r in sample_shots(ds.train, 3, seed))
+    with pytest.raises(DataError, match="No split file 'x.csv'"):
+        load_dataset(root, split_file="x.csv")

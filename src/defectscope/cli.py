@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from defectscope import pipeline
@@ -21,9 +21,11 @@ from defectscope.detectors.base import make_detector, training_options
 from defectscope.errors import DefectscopeError
 from defectscope.evaluate import evaluate as run_evaluate
 from defectscope.evaluate import evaluate_fewshot
+from defectscope.report import html_report
+from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line
 
 Method = Annotated[str, typer.Option("--method", "-m", help="Detection method (patchcore, ...).")]
 Options = Annotated[
@@ -73,6 +75,16 @@ def _progress() -> Iterator[Any]:
         yield report
 
 
+class ConsoleHandler(logging.Handler):
+    """Log records as one line each on the CLI's (soft-wrapping) console: a path broken
+    across lines cannot be copied. Printing through the console keeps progress bars intact."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red"}.get(record.levelname, "")
+        line = Text.assemble((f"{record.levelname.lower()}: ", style), record.getMessage())
+        console.print(line, highlight=False)
+
+
 def _run(fn: Any) -> Any:
     try:
         return fn()
@@ -84,11 +96,7 @@ def _run(fn: Any) -> Any:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Configure logging for the command line."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[ConsoleHandler()], force=True)
 
 
 @app.command()
@@ -100,8 +108,10 @@ def fit(
     resize: Resize = None,
     options: Options = None,
     class_name: ClassName = None,
-    holdout: Annotated[float, typer.Option(help="Fraction of normal images held out to set the threshold.")] = 0.1,
+    false_alarm_rate: Annotated[float, typer.Option(help="Share of normal parts the threshold may flag (set from all training images scored as unseen).")] = DEFAULT_FALSE_ALARM_RATE,
+    holdout: Annotated[float, typer.Option(help="Old rule: hold out this fraction of normal images for the threshold instead (0: none).")] = 0.0,
     validation: Annotated[Optional[Path], typer.Option(help="MVTec-layout folder whose test split sets an F1-optimal threshold.")] = None,  # noqa: UP045
+    force: Annotated[bool, typer.Option(help="Use a validation folder even if it shares images with DATA's test split or training images.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
     """Fit a detector on normal images and write a model file."""
@@ -109,12 +119,16 @@ def fit(
     def job() -> None:
         if output.exists() and not overwrite:
             raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
+        check_rate(false_alarm_rate)
         config = _config(size, resize, options, class_name)
         make_detector(method, **config)  # a wrong method or option fails before any image is read
         records = training_records(data)
         detector = make_detector(method, **training_options(method, len(records), config))
         with _progress() as report:
-            fitted = pipeline.fit(detector, records, holdout=holdout, validation=validation, progress=report)
+            fitted = pipeline.fit(
+                detector, records, false_alarm_rate=false_alarm_rate, holdout=holdout, validation=validation,
+                test_of=data, force=force, progress=report,
+            )
         save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
         thr = fitted.threshold
         console.print(f"wrote [bold]{output}[/]" + (f"; threshold {thr.value:.4g} ({thr.method})" if thr else ""))
@@ -170,7 +184,8 @@ def evaluate(
     resize: Resize = None,
     options: Options = None,
     class_name: ClassName = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv or .json).")] = None,  # noqa: UP045
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv, .json) or a report (.html).")] = None,  # noqa: UP045
+    false_alarm_rate: Annotated[Optional[float], typer.Option(help="Also set the threshold from the training images at this false-alarm rate and report its test error rates (.html: 0.01 by default).")] = None,  # noqa: UP045
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,
     shots: Annotated[Optional[str], typer.Option(help="k-shot protocol: comma-separated k, e.g. 1,2,4,8.")] = None,  # noqa: UP045
     seeds: Annotated[int, typer.Option(help="k-shot protocol: seeds 0..N-1 per k.")] = 5,
@@ -179,6 +194,9 @@ def evaluate(
 
     def job() -> None:
         config = _config(size, resize, options, class_name)
+        html = output is not None and output.suffix.lower() in (".html", ".htm")
+        if html and shots:
+            raise DefectscopeError("An HTML report is for one fit; write the k-shot table as .md, .csv or .json.")
         with _progress() as report:
             if shots:
                 try:
@@ -188,9 +206,16 @@ def evaluate(
                 dataset = load_dataset(data, require_masks=masks)
                 result = evaluate_fewshot(method, dataset, shots=ks, seeds=list(range(seeds)), config=config, progress=report)
             else:
-                result = run_evaluate(method, data, config=config, require_masks=masks, progress=report)
+                rate = DEFAULT_FALSE_ALARM_RATE if html and false_alarm_rate is None else false_alarm_rate
+                result = run_evaluate(
+                    method, data, config=config, require_masks=masks, progress=report,
+                    false_alarm_rate=None if rate is None else check_rate(rate), keep_scores=html,
+                )
         typer.echo(result.to_markdown())
-        if output is not None:
+        if html:
+            html_report(result, output)
+            console.print(f"wrote report {output}")
+        elif output is not None:
             text = {".csv": result.to_csv, ".json": result.to_json}.get(output.suffix, result.to_markdown)()
             output.write_text(text)
 

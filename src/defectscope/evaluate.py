@@ -1,7 +1,8 @@
 """Detector x dataset -> a metric table per defect type and overall, with cost figures.
 
 Metrics are computed at the network input resolution, on the part of each map that shows
-the image (letterbox padding excluded); masks are resized with nearest neighbours.
+the image (letterbox padding excluded); masks are resized with centre-aligned nearest
+neighbours, so they sit where the resized image shows the defect.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from defectscope.data.fewshot import sample_shots
 from defectscope.data.images import crop_content
 from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
 from defectscope.errors import DataError
-from defectscope.metrics import image_metrics, pixel_metrics
+from defectscope.metrics import image_metrics, misclassified, pixel_metrics
+from defectscope.thresholds import from_normal
 
 COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
@@ -68,6 +70,9 @@ class EvalResult:
     rows: list[dict[str, Any]]
     cost: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
+    threshold: dict[str, Any] | None = None  # set from training images only (see `evaluate`)
+    scored: Scored | None = field(default=None, repr=False)  # per-image results, for the HTML report
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def overall(self) -> dict[str, Any]:
@@ -75,7 +80,8 @@ class EvalResult:
         return next(r for r in self.rows if r["defect"] == "overall")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=float)
+        keep = ("method", "dataset", "rows", "cost", "config", "threshold")
+        return json.dumps({k: getattr(self, k) for k in keep}, indent=2, default=float)
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -89,13 +95,20 @@ class EvalResult:
         head = "| defect | images | " + " | ".join(COLUMNS) + " |"
         lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
         for row in self.rows:
-            cells = [_fmt(row.get(c)) for c in COLUMNS]
+            cells = [format_value(row.get(c)) for c in COLUMNS]
             lines.append(f"| {row['defect']} | {row['n_images']} | " + " | ".join(cells) + " |")
-        cost = ", ".join(f"{k} {_fmt(v, 2)}" for k, v in self.cost.items())
-        return f"**{self.method}** on `{self.dataset}`\n\n" + "\n".join(lines) + f"\n\n{cost}\n"
+        cost = ", ".join(f"{k} {format_value(v, 2)}" for k, v in self.cost.items())
+        text = f"**{self.method}** on `{self.dataset}`\n\n" + "\n".join(lines) + f"\n\n{cost}\n"
+        if self.threshold is not None:
+            t = self.threshold
+            text += (
+                f"\nThreshold {t['value']:.4g} ({t['method']}); on the test split: false-alarm rate "
+                f"{t['test_false_alarm_rate']:.3f}, miss rate {t['test_miss_rate']:.3f}\n"
+            )
+        return text
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -119,8 +132,9 @@ def score_records(
     return Scored(records, np.array(scores), np.array(labels), maps, masks)
 
 
-def metric_rows(scored: Scored, defects: list[str]) -> list[dict[str, Any]]:
-    """Per defect type (its images + all good ones) and overall."""
+def metric_rows(scored: Scored, defects: list[str], curves: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per defect type (its images + all good ones) and overall; the overall row's pixel
+    ROC and PRO curve points go into ``curves`` when it is given."""
     kinds = np.array([r.defect for r in scored.records])
     groups = [(d, (kinds == d) | (scored.labels == 0)) for d in defects] + [("overall", np.ones(len(kinds), bool))]
     rows = []
@@ -130,7 +144,11 @@ def metric_rows(scored: Scored, defects: list[str]) -> list[dict[str, Any]]:
         row.update(image_metrics(scored.scores[idx], scored.labels[idx]))
         with_mask = [i for i in idx if scored.masks[i] is not None]
         if with_mask and any(scored.masks[i].any() for i in with_mask):
-            row.update(pixel_metrics([scored.maps[i] for i in with_mask], [scored.masks[i] for i in with_mask]))
+            plot = curves is not None and name == "overall"
+            pixel = pixel_metrics([scored.maps[i] for i in with_mask], [scored.masks[i] for i in with_mask], with_curves=plot)
+            if plot:
+                curves.update(pixel.pop("curves"))
+            row.update(pixel)
         rows.append(row)
     return rows
 
@@ -143,10 +161,16 @@ def evaluate(
     train: list[Record] | None = None,
     batch_size: int = 8,
     require_masks: bool = True,
+    false_alarm_rate: float | None = None,
+    keep_scores: bool = False,
     progress: Progress | None = None,
 ) -> EvalResult:
     """Fit ``detector`` (a registered name or an instance) on the dataset's normal training
-    images (or ``train``), score its test split, and tabulate metrics and costs."""
+    images (or ``train``), score its test split, and tabulate metrics and costs.
+
+    ``false_alarm_rate``: also set the threshold a deployed model would use, from the
+    training images alone (`Detector.fit_scored`, as `fit` does); its time is part of
+    ``fit_s``. ``keep_scores``: keep per-image scores, maps and curves (for the report)."""
     ds = data if isinstance(data, Dataset) else load_dataset(data, require_masks=require_masks)
     if not ds.test:
         raise DataError(f"{ds.root} has no test split (test/<defect>/ folders); nothing to evaluate.")
@@ -156,7 +180,13 @@ def evaluate(
     reset_peak_rss()
     t0 = time.perf_counter()
     uses_images = det.needs_training_images or given
-    det.fit(iter_samples(train, det.preprocess) if uses_images else None, progress=progress)
+    threshold = None
+    if false_alarm_rate is not None and uses_images:
+        normal = det.fit_scored(train, progress=progress)
+        if normal is not None:
+            threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)
+    else:
+        det.fit(iter_samples(train, det.preprocess) if uses_images else None, progress=progress)
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     scored = score_records(det, ds.test, batch_size=batch_size, progress=progress)
@@ -167,7 +197,22 @@ def evaluate(
         "peak_rss_mb": peak_rss_mb(),
         "train_images": float(len(train) if uses_images else 0),
     }
-    return EvalResult(det.name, str(ds.root), metric_rows(scored, ds.defects), cost, det.config())
+    curves: dict[str, Any] = {}
+    rows = metric_rows(scored, ds.defects, curves if keep_scores else None)
+    if threshold is not None:
+        fp, fn = misclassified(scored.scores, scored.labels, threshold.value)
+        n_bad = int(scored.labels.sum())
+        threshold_row = {
+            **threshold.to_dict(),
+            "test_false_alarm_rate": fp / max(len(scored.labels) - n_bad, 1),
+            "test_miss_rate": fn / max(n_bad, 1),
+        }
+    else:
+        threshold_row = None
+    return EvalResult(
+        det.name, str(ds.root), rows, cost, det.config(), threshold_row,
+        scored if keep_scores else None, curves,
+    )
 
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -170,8 +171,23 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3) -> dict[str, float]:
-    """Pixel AUROC, AP, F1-max over all pixels of the set, and AUPRO (one shared sort)."""
+def curve_points(c: Curve, fpr_max: float = 1.0, n: int = 201) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR or PRO) of a curve sampled on an even FPR grid up to ``fpr_max``, for plots.
+
+    FPR and TPR are normalised by the curve's totals; a PRO curve's weights are already
+    normalised (its ``fp`` and ``tp`` sums are 1)."""
+    fpr = np.r_[0.0, c.fp / max(c.negatives, 1e-300)]
+    tpr = np.r_[0.0, c.tp / max(c.positives, 1e-300)]
+    grid = np.linspace(0.0, fpr_max, n)
+    return grid, np.interp(grid, fpr, tpr)
+
+
+def pixel_metrics(
+    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3, *, with_curves: bool = False
+) -> dict[str, float]:
+    """Pixel AUROC, AP, F1-max over all pixels of the set, and AUPRO (one shared sort).
+
+    ``with_curves``: also return plot points of the ROC and PRO curves under "curves"."""
     flat_maps = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
     flat_masks = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
     scores, labels = _check(flat_maps, flat_masks)
@@ -179,9 +195,14 @@ def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_l
     pro = pro_weights(masks)
     curves = weighted_curves(scores, _label_weights(labels), *([pro] if pro is not None else []))
     c = curves[0]
-    return {
+    out: dict[str, Any] = {
         "pixel_auroc": curve_auroc(c),
         "pixel_ap": curve_ap(c),
         "pixel_f1max": curve_f1_max(c)[0],
         "aupro": pro_area(curves[1], fpr_limit) if pro is not None else float("nan"),
     }
+    if with_curves:
+        out["curves"] = {"pixel_roc": curve_points(c)}
+        if pro is not None:
+            out["curves"]["pro"] = curve_points(curves[1], fpr_limit)
+    return out

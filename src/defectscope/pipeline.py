@@ -1,14 +1,18 @@
 """The user's jobs end to end: fit from a folder (with a threshold), predict into a folder.
 
-Fitting holds out a seeded fraction of the normal images, scores them with the fitted
-model and sets the decision threshold from those normal scores (F1-optimal instead when a
-validation set with defective images is given). Predicting writes scores (CSV + JSON)
-and heatmap overlays, and never overwrites an existing output file.
+Fitting uses every normal image and sets the decision threshold at a stated false-alarm
+rate from the normal scores of *all* training images, each scored by a model that did not
+see it (`Detector.fit_scored`: leave-one-image-out for memory banks, cross-fitting for the
+rest). The old rule, holding out a seeded fraction, is ``holdout > 0``. With a validation
+set that has defective images the threshold is F1-optimal instead; a validation set that
+is the test split (or the training images) is refused unless forced. Predicting writes
+scores (CSV + JSON) and heatmap overlays, and never overwrites an existing output file.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,10 +24,10 @@ import numpy as np
 from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES, load_image, to_original
 from defectscope.detectors.base import Detector, Progress
-from defectscope.errors import DataError
+from defectscope.errors import ConfigError, DataError
 from defectscope.evaluate import score_records
 from defectscope.report import save_overlay
-from defectscope.thresholds import Threshold, choose
+from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold, choose, from_normal
 
 log = logging.getLogger("defectscope")
 MIN_HOLDOUT = 10  # below this many training images, none are held out for the threshold
@@ -54,32 +58,79 @@ class Fitted:
         }
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (the same image under another name is the same image)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_validation(validation: list[Record], train: list[Record], test_of: str | Path | None, *, force: bool) -> None:
+    """Refuse (unless ``force``) a validation set that shares images with the training
+    images or with the test split of ``test_of``: a threshold tuned there makes every
+    number later measured on that split optimistic."""
+    val = {file_digest(r.path): r.path for r in validation}
+    against = [("training images", train)]
+    if test_of is not None and (Path(test_of) / "test").is_dir():
+        against.append((f"test split of {test_of}", load_dataset(test_of, require_masks=False, validate=False).test))
+    for what, records in against:
+        shared = [val[d] for d in {file_digest(r.path) for r in records} & val.keys()]
+        if not shared:
+            continue
+        message = (
+            f"{len(shared)} of {len(val)} validation images are also the {what} (e.g. {shared[0]}): a threshold "
+            "chosen on them flatters every result measured there. Use a separate validation folder"
+        )
+        if not force:
+            raise ConfigError(message + ", or pass --force to use it anyway.")
+        log.warning("%s; used anyway (--force).", message)
+
+
 def fit(
     detector: Detector,
     data: str | Path | list[Record] | None,
     *,
-    holdout: float = 0.1,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    holdout: float = 0.0,
     validation: str | Path | None = None,
+    test_of: str | Path | None = None,
+    force: bool = False,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Fitted:
     """Fit on the normal images of ``data`` (a folder or its records) and derive a threshold
-    (see module docstring)."""
+    (see module docstring). ``test_of``: the dataset whose test split a validation set must
+    not be (default: ``data`` when it is a folder)."""
     if data is None:
         detector.fit(None, progress=progress)
         return Fitted(detector, None, None)
     records = data if isinstance(data, list) else training_records(data)
-    fit_recs, held = split_holdout(records, 0.0 if validation else holdout, seed)
-    detector.fit(iter_samples(fit_recs, detector.preprocess), progress=progress)
-    val = load_dataset(validation).test if validation else held
-    if not val:
-        log.warning("Too few normal images (%d) to hold some out: no decision threshold is set.", len(records))
+    if validation is not None:
+        val = load_dataset(validation).test
+        if test_of is None and not isinstance(data, list):
+            test_of = data
+        check_validation(val, records, test_of, force=force)
+        detector.fit(iter_samples(records, detector.preprocess), progress=progress)
+        return _from_scored(detector, val, false_alarm_rate, "validation", progress)
+    if holdout > 0:
+        fit_recs, held = split_holdout(records, holdout, seed)
+        detector.fit(iter_samples(fit_recs, detector.preprocess), progress=progress)
+        if held:
+            return _from_scored(detector, held, false_alarm_rate, "held-out", progress)
+        normal = None
+    else:
+        normal = detector.fit_scored(records, seed=seed, progress=progress)
+    if normal is None:
+        log.warning("Too few normal images (%d) to score any unseen: no decision threshold is set.", len(records))
         return Fitted(detector, None, None)
-    scored = score_records(detector, val, progress=progress)
-    threshold = choose(scored.scores, scored.labels)
+    threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)
+    return Fitted(detector, threshold, (normal.map_low, max(threshold.value, normal.map_high)))
+
+
+def _from_scored(detector: Detector, records: list[Record], rate: float, source: str, progress: Progress | None) -> Fitted:
+    """Threshold and map range from scoring ``records`` (held-out normal or validation images)."""
+    scored = score_records(detector, records, progress=progress)
+    threshold = choose(scored.scores, scored.labels, false_alarm_rate=rate, source=source)
     normal_maps = np.concatenate([m.ravel() for m, y in zip(scored.maps, scored.labels, strict=True) if y == 0])
-    map_range = (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max())))
-    return Fitted(detector, threshold, map_range)
+    return Fitted(detector, threshold, (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max()))))
 
 
 def predict_to_folder(

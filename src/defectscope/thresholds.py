@@ -1,9 +1,12 @@
-"""Decision thresholds: F1-optimal with defective validation images, else from normal ones.
+"""Decision thresholds: from normal scores at a stated false-alarm rate, or F1 on validation.
 
-An F1-optimal threshold needs defective images that are *not* the test set; without any,
-anomalib's returns the minimum score and flags everything. Here, with normal images only,
-the threshold comes from held-out normal scores: a high quantile, or mean + k * std.
-Every threshold says how it was obtained.
+With normal images only, the threshold is the (1 - false-alarm rate) quantile of normal
+scores. Those scores must come from a model that did not see the image it scores: by
+default every training image scored leaving itself out (memory banks) or its fold out
+(cross-fitting), so no image is held out of the fit; the old rule of holding out a
+fraction is kept as an option. An F1-optimal threshold needs defective images that are
+*not* the test set; without any, anomalib's returns the minimum score and flags
+everything. Every threshold says how it was obtained and from how many scores.
 """
 
 from __future__ import annotations
@@ -15,18 +18,33 @@ import numpy as np
 from defectscope.errors import ConfigError
 from defectscope.metrics import f1_max
 
+DEFAULT_FALSE_ALARM_RATE = 0.01
+
 
 @dataclass(frozen=True)
 class Threshold:
-    """A score at or above ``value`` means defective; ``method`` says where it came from."""
+    """A score at or above ``value`` means defective; ``method`` says where it came from.
+
+    ``source``: which scores set it ("leave-one-image-out", "5-fold cross-fitting",
+    "held-out", "validation"); ``false_alarm_rate``: the rate it was set for (None for F1).
+    """
 
     value: float
     method: str
     n_normal: int
     n_defective: int
+    source: str = ""
+    false_alarm_rate: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_rate(rate: float) -> float:
+    """A false-alarm rate must be a fraction strictly between 0 and 1."""
+    if not 0 < rate < 1:
+        raise ConfigError(f"The false-alarm rate must be between 0 and 1 (e.g. 0.01), got {rate}.")
+    return rate
 
 
 def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> Threshold:
@@ -35,26 +53,37 @@ def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> Threshold:
     if labels.all() or not labels.any():
         raise ConfigError("An F1-optimal threshold needs both normal and defective validation images.")
     _, value = f1_max(scores, labels)
-    return Threshold(value, "f1-optimal on validation images", int((~labels).sum()), int(labels.sum()))
+    return Threshold(value, "f1-optimal on validation images", int((~labels).sum()), int(labels.sum()), "validation")
 
 
-def from_normal(scores: np.ndarray, *, quantile: float | None = 0.99, sigmas: float | None = None) -> Threshold:
-    """Threshold from held-out *normal* scores: a quantile, or mean + ``sigmas`` * std."""
+def from_normal(
+    scores: np.ndarray, *, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, source: str = "held-out", sigmas: float | None = None
+) -> Threshold:
+    """Threshold from normal scores of unseen images: the (1 - rate) quantile, or mean + ``sigmas`` * std.
+
+    With fewer than 1 / rate scores the quantile lies between the largest ones: the method
+    string then says the rate is not resolved by the data.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size < 2:
-        raise ConfigError("A threshold from normal images needs at least two held-out normal images.")
+        raise ConfigError("A threshold from normal images needs the scores of at least two normal images.")
+    what = f"{source} normal scores of {scores.size} images"
     if sigmas is not None:
         value = float(scores.mean() + sigmas * scores.std(ddof=1))
-        return Threshold(value, f"mean + {sigmas:g} std of held-out normal scores", scores.size, 0)
-    if quantile is None or not 0 < quantile <= 1:
-        raise ConfigError(f"quantile must be in (0, 1], got {quantile}.")
-    value = float(np.quantile(scores, quantile))
-    return Threshold(value, f"{quantile:g} quantile of held-out normal scores", scores.size, 0)
+        return Threshold(value, f"mean + {sigmas:g} std of {what}", scores.size, 0, source)
+    rate = check_rate(false_alarm_rate)
+    value = float(np.quantile(scores, 1.0 - rate))
+    method = f"{1 - rate:g} quantile of {what} (false-alarm rate {rate:g})"
+    if scores.size * rate < 1:
+        method += f"; {scores.size} scores cannot resolve a rate of {rate:g}, so it lies near their maximum"
+    return Threshold(value, method, scores.size, 0, source, rate)
 
 
-def choose(scores: np.ndarray, labels: np.ndarray, *, quantile: float = 0.99) -> Threshold:
+def choose(
+    scores: np.ndarray, labels: np.ndarray, *, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, source: str = "held-out"
+) -> Threshold:
     """F1-optimal when the validation scores include defective images, normal-only otherwise."""
     labels = np.asarray(labels).astype(bool)
     if labels.any() and not labels.all():
         return f1_optimal(scores, labels)
-    return from_normal(np.asarray(scores)[~labels], quantile=quantile)
+    return from_normal(np.asarray(scores)[~labels], false_alarm_rate=false_alarm_rate, source=source)

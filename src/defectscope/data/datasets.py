@@ -129,13 +129,21 @@ def _index_visa(root: Path, csv_path: Path, category: str | None) -> Dataset:
         raise DataError(f"{csv_path} holds several objects {objects}; name one with category=... (CLI: --category).")
     if category is not None and category not in objects:
         raise DataError(f"Category {category!r} is not in {csv_path}; it holds {objects}.")
+    dropped = 0
     for r in rows:
         if category is not None and r["object"] != category:
             continue
         label = 1 if r["label"].strip().lower() in ("anomaly", "1", "bad", "defective") else 0
         mask = root / r["mask"] if label and r.get("mask") else None
         rec = Record(root / r["image"], label, "anomaly" if label else GOOD, mask)
-        (ds.train if r["split"] == "train" else ds.test).append(rec)
+        if r["split"].strip().lower() != "train":
+            ds.test.append(rec)
+        elif label:
+            dropped += 1  # e.g. 2cls_fewshot.csv: a model is fitted (and shots drawn) on normal images only
+        else:
+            ds.train.append(rec)
+    if dropped:
+        log.warning("%s: %d anomalous rows in the train split are not used for fitting.", csv_path, dropped)
     return ds
 
 
@@ -153,13 +161,19 @@ def _validate(ds: Dataset) -> None:
 
 
 def load_dataset(
-    root: str | Path, *, category: str | None = None, require_masks: bool = True, validate: bool = True
+    root: str | Path,
+    *,
+    category: str | None = None,
+    require_masks: bool = True,
+    validate: bool = True,
+    split_file: str | None = None,
 ) -> Dataset:
     """Index a dataset folder.
 
     Accepted layouts: MVTec AD (``train/good``, ``test/<defect>``, ``ground_truth/<defect>``
     with masks named ``<stem>_mask.png`` or ``<stem>.png``; also MPDD and BTAD), a MVTec
-    category inside ``root/category``, and VisA (``split_csv/1cls.csv`` or a csv at ``root``).
+    category inside ``root/category``, and VisA (``split_csv/<split_file>``, by default the
+    first csv by name, e.g. ``1cls.csv``). Anomalous rows are never training images.
     """
     root = Path(root)
     if not root.is_dir():
@@ -167,6 +181,11 @@ def load_dataset(
     csvs = sorted((root / "split_csv").glob("*.csv")) if (root / "split_csv").is_dir() else []
     if not csvs and category is not None and (root / category / "train").is_dir():
         root, category = root / category, None
+    if split_file is not None:
+        chosen = [c for c in csvs if c.name == split_file]
+        if not chosen:
+            raise DataError(f"No split file {split_file!r} in {root / 'split_csv'}; it holds {[c.name for c in csvs]}.")
+        csvs = chosen
     if csvs:
         ds = _index_visa(root, csvs[0], category)
     elif (root / "train" / GOOD).is_dir():

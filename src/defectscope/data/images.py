@@ -8,6 +8,7 @@ shape unless the user asks for that (`resize="squash"`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from defectscope.errors import DataError
 
+log = logging.getLogger("defectscope")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 32  # the smallest side a CNN with stride 32 still gives a feature map for
 ResizeMode = Literal["aspect", "letterbox", "squash"]
@@ -72,10 +74,65 @@ def load_image_uint8(path: str | Path) -> np.ndarray:
     return np.rint(arr * 255.0).astype(np.uint8)
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+
+
+def _mask_values(img: Image.Image) -> np.ndarray:
+    """The mask's own values as float64 H x W, in the file's scale (no min-max scaling).
+
+    Colour masks count their brightest channel; a mask drawn only in the alpha channel
+    (colour channels constant) is read from the alpha channel.
+    """
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        img = img.convert("I")
+    arr = np.asarray(img, dtype=np.float64)
+    if arr.ndim == 2:
+        return arr
+    has_alpha = img.mode in ("RGBA", "LA")
+    colour = arr[..., :-1] if has_alpha else arr
+    if has_alpha and np.ptp(colour) == 0 and np.ptp(arr[..., -1]) > 0:
+        return arr[..., -1]
+    return colour.max(axis=2)
+
+
+def binarize_mask(values: np.ndarray) -> np.ndarray:
+    """Defective where a value lies above half the mask's value range (its min to its max).
+
+    ``> 0`` would grow a JPEG-compressed mask by its ringing; the midpoint keeps 0/1,
+    0/255 and 0/65535 masks exact. A constant mask is all-defective if non-zero, else empty.
+    """
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        return np.full(values.shape, hi > 0)
+    return values > (lo + hi) / 2
+
+
 def load_mask(path: str | Path) -> np.ndarray:
-    """Read a ground-truth mask as bool H x W (any non-zero pixel is defective)."""
-    arr = _to_float_array(_open(Path(path), "mask"))
-    return arr.max(axis=2) > 0
+    """Read a ground-truth mask as bool H x W (see `binarize_mask`); warn when it looks lossy."""
+    path = Path(path)
+    values = _mask_values(_open(path, "mask"))
+    levels = np.unique(values).size
+    if levels > 2 or path.suffix.lower() in LOSSY_SUFFIXES:
+        _warn_lossy(path, levels)
+    return binarize_mask(values)
+
+
+_LOSSY_FOLDERS: set[Path] = set()
+
+
+def _warn_lossy(path: Path, levels: int) -> None:
+    """Once per folder: masks with grey levels are probably JPEG-compressed or anti-aliased."""
+    if path.parent in _LOSSY_FOLDERS:
+        return
+    _LOSSY_FOLDERS.add(path.parent)
+    log.warning(
+        "Mask %s has %d grey levels (lossy compression or anti-aliasing?); binarised at half its "
+        "value range. Store masks as 0/255 PNG for exact pixel metrics.",
+        path,
+        levels,
+    )
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -153,10 +210,15 @@ class Preprocess:
 
     @staticmethod
     def mask(mask: np.ndarray, geo: Geometry) -> torch.Tensor:
-        """Bring a bool mask to network size with nearest-neighbour resizing."""
+        """Bring a bool mask to network size with centre-aligned nearest-neighbour resizing.
+
+        ``nearest-exact`` samples each output pixel at its centre, as the image's bilinear
+        resize does; torch's ``nearest`` takes the top-left source pixel and would shift
+        the mask by half a source pixel up and left.
+        """
         top, left, ch, cw = geo.content
         t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-        t = F.interpolate(t, size=(ch, cw), mode="nearest")
+        t = F.interpolate(t, size=(ch, cw), mode="nearest-exact")
         out = torch.zeros(geo.input, dtype=torch.bool)
         out[top : top + ch, left : left + cw] = t[0, 0] > 0.5
         return out

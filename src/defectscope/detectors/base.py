@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from defectscope.backbones.cnn import CNNBackbone, get_backbone
-from defectscope.data.datasets import Sample, batches
+from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.data.images import Preprocess
 from defectscope.errors import ConfigError
 
@@ -33,6 +34,34 @@ class Prediction:
 
     scores: torch.Tensor
     maps: torch.Tensor
+
+
+@dataclass
+class NormalScores:
+    """Every training image's score from a model that did not see it, and its maps' range.
+
+    ``how`` names the scheme (leave-one-image-out, or k-fold cross-fitting); thresholds
+    set from these scores use all normal images instead of holding some out.
+    """
+
+    scores: np.ndarray
+    how: str
+    map_low: float  # median of the images' median map values
+    map_high: float  # largest map value
+
+    @staticmethod
+    def summarize(pred: Prediction) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, per-image median map value, per-image max map value) of one batch."""
+        flat = pred.maps.flatten(1)
+        return pred.scores.numpy(), flat.median(1).values.numpy(), flat.max(1).values.numpy()
+
+    @classmethod
+    def collect(cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], order: Sequence[int], how: str) -> NormalScores:
+        """From `summarize`d batches whose images are ``order`` (indices into the records); the
+        scores come back in record order."""
+        scores = np.concatenate([p[0] for p in parts])[np.argsort(np.asarray(order), kind="stable")]
+        medians = np.concatenate([p[1] for p in parts])
+        return cls(scores, how, float(np.median(medians)), float(max(p[2].max() for p in parts)))
 
 
 class Detector(ABC):
@@ -60,6 +89,35 @@ class Detector(ABC):
         """
         for b in batches(iter(samples), batch_size):
             yield b, self.predict(torch.stack([s.image for s in b]))
+
+    def fit_scored(
+        self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
+    ) -> NormalScores | None:
+        """Fit on all ``records`` and score each of them with a model that did not see it.
+
+        Default: k-fold cross-fitting (an unfitted twin is fitted on the other folds and
+        scores the held-out fold), then the fit on all images. Methods that can leave one
+        image out of a fitted model (memory banks) override this at a fraction of the cost.
+        None for fewer than two images.
+        """
+        n = len(records)
+        if n < 2:
+            self.fit(iter_samples(records, self.preprocess), progress=progress)
+            return None
+        k = min(folds, n)
+        fold = np.random.default_rng(seed).permutation(n) % k
+        parts, order = [], []
+        for f in range(k):
+            inside = [r for r, g in zip(records, fold, strict=True) if g != f]
+            out = np.nonzero(fold == f)[0]
+            twin = type(self)(**self.config()).fit(iter_samples(inside, self.preprocess))
+            for _, pred in twin.predict_samples(iter_samples([records[i] for i in out], self.preprocess)):
+                parts.append(NormalScores.summarize(pred))
+            order.extend(out.tolist())
+            if progress:
+                progress("cross-fit", f + 1, k)
+        self.fit(iter_samples(records, self.preprocess), progress=progress)
+        return NormalScores.collect(parts, order, f"{k}-fold cross-fitting")
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

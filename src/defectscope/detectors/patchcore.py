@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Self
 
 import torch
 
-from defectscope.data.datasets import Sample, batches
+from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.detectors.base import (
     CNNDetector,
+    NormalScores,
     Prediction,
     Progress,
     check_ratio,
@@ -102,31 +103,82 @@ class PatchCore(CNNDetector):
         """Locally aware patch features N x D x h x w."""
         return patch_features(self.backbone(x), self.patch_size, self.dim)
 
-    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
-        if images is None:
-            raise ConfigError("PatchCore needs normal training images (at least one).")
-        t0 = time.perf_counter()
-        feats, done = [], 0
+    def _collect(
+        self, images: Iterable[Sample], progress: Progress | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, tuple[int, int]]]]:
+        """All patch features (rows), the training image each row came from, and per image
+        its feature grid and input size."""
+        feats, owners, grids = [], [], []
         for batch in batches(iter(images), self.batch_size):
-            feats.append(flatten_patches(self.embed(torch.stack([s.image for s in batch]))))
-            done += len(batch)
+            x = torch.stack([s.image for s in batch])
+            fmap = self.embed(x)
+            h, w = fmap.shape[-2:]
+            feats.append(flatten_patches(fmap))
+            owners.append(torch.arange(len(grids), len(grids) + len(batch)).repeat_interleave(h * w))
+            grids += [(h, w, tuple(x.shape[-2:]))] * len(batch)
             if progress:
-                progress("features", done, 0)
+                progress("features", len(grids), 0)
         if not feats:
             raise ConfigError("PatchCore got no training images; check the training folder.")
-        bank = torch.cat(feats)
-        t1 = time.perf_counter()
+        return torch.cat(feats), torch.cat(owners), grids
+
+    def _select(self, bank: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+        """Greedy coreset of the bank; installs it and returns the kept rows' indices."""
         n = max(1, math.ceil(self.coreset_ratio * bank.shape[0]))
         report = (lambda i, total: progress("coreset", i, total)) if progress else None
         keep = greedy_coreset(bank, n, proj_dim=self.proj_dim, seed=self.seed, progress=report)
         self.bank, self._index = bank[keep].contiguous(), None
+        return keep
+
+    def _fit_bank(
+        self, images: Iterable[Sample], progress: Progress | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, tuple[int, int]]], torch.Tensor]:
+        """Build the bank; return the full patch features, their owners, grids and kept rows."""
+        t0 = time.perf_counter()
+        bank, owner, grids = self._collect(images, progress)
+        t1 = time.perf_counter()
+        keep = self._select(bank, progress)
         self.timings = {
             "features_s": t1 - t0,
             "coreset_s": time.perf_counter() - t1,
             "patches": float(bank.shape[0]),
-            "images": float(done),
+            "images": float(len(grids)),
         }
+        return bank, owner, grids, keep
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("PatchCore needs normal training images (at least one).")
+        self._fit_bank(images, progress)
         return self
+
+    def fit_scored(
+        self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
+    ) -> NormalScores | None:
+        """Fit, then score every training image leaving it out: its patches are searched in
+        the bank without the entries that came from that image (exact leave-one-out with
+        the whole bank, as in few-shot use; with a coreset, the coreset minus its entries).
+        Costs one scoring pass over the training patches and no second backbone pass."""
+        bank, owner, grids, keep = self._fit_bank(iter_samples(records, self.preprocess), progress)
+        t0 = time.perf_counter()
+        kept_owner = owner[keep]
+        parts, order = [], []
+        for i, (h, w, size) in enumerate(grids):
+            others = kept_owner != i
+            if not others.any():
+                continue  # every bank entry came from this image: nothing to compare it with
+            sub = self.bank[others]
+            index = Index(sub, self.knn_backend)
+            query = bank[owner == i]
+            dist, nn_idx = index.search(query, 1)
+            maps = patch_scores_to_maps(dist[:, 0].view(1, h, w), size, self.sigma)
+            score = self._image_scores(query[None], dist[:, 0][None], nn_idx[:, 0][None], sub, index)
+            parts.append(NormalScores.summarize(Prediction(score, maps)))
+            order.append(i)
+            if progress:
+                progress("normal scores", i + 1, len(grids))
+        self.timings["normal_scores_s"] = time.perf_counter() - t0
+        return NormalScores.collect(parts, order, "leave-one-image-out") if len(order) >= 2 else None
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         t0 = time.perf_counter()
@@ -137,20 +189,22 @@ class PatchCore(CNNDetector):
         dist, nn_idx = self.index.search(query, 1)
         patch = dist[:, 0].view(n, h, w)
         maps = patch_scores_to_maps(patch, tuple(batch.shape[-2:]), self.sigma)
-        scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1))
+        scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1), self.bank, self.index)
         self.timings["backbone_s"] = self.timings.get("backbone_s", 0.0) + t1 - t0
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.perf_counter() - t1
         return Prediction(scores, maps)
 
-    def _image_scores(self, query: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor) -> torch.Tensor:
-        """Eq. 7 re-weighting of the largest patch distance (or the plain max)."""
+    def _image_scores(
+        self, query: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor, index: Index
+    ) -> torch.Tensor:
+        """Eq. 7 re-weighting of the largest patch distance (or the plain max), against ``bank``."""
         s_star, j = dist.max(dim=1)
-        if self.image_score == "max" or self.bank.shape[0] < 2:
+        if self.image_score == "max" or bank.shape[0] < 2:
             return s_star
         rows = torch.arange(query.shape[0])
         m_test = query[rows, j]
-        m_star = self.bank[nn_idx[rows, j]]
-        _, support = self.index.search(m_star, self.num_neighbors)
-        d_support = (m_test[:, None, :] - self.bank[support]).norm(dim=2)
+        m_star = bank[nn_idx[rows, j]]
+        _, support = index.search(m_star, self.num_neighbors)
+        d_support = (m_test[:, None, :] - bank[support]).norm(dim=2)
         weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
         return weight * s_star

@@ -10,14 +10,14 @@ smoothed (sigma 4). Nearest neighbours come from the shared `memory.knn`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 
-from defectscope.data.datasets import Sample, batches
-from defectscope.detectors.base import CNNDetector, Prediction, Progress, gaussian_blur, register
+from defectscope.data.datasets import Record, Sample, batches, iter_samples
+from defectscope.detectors.base import CNNDetector, NormalScores, Prediction, Progress, gaussian_blur, register
 from defectscope.errors import ConfigError
 from defectscope.features import flatten_patches
 from defectscope.memory import knn
@@ -104,8 +104,21 @@ class SPADE(CNNDetector):
         return self
 
     def predict(self, batch: torch.Tensor) -> Prediction:
+        return self._score(batch)
+
+    def _neighbours(self, g: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K nearest training images of each global feature, without image ``exclude[n]``."""
+        if exclude is None:
+            return knn(g, self.global_feats, self.k)
+        k = min(self.k, self.global_feats.shape[0] - 1)
+        dist, idx = knn(g, self.global_feats, k + 1)
+        own = (idx == exclude[:, None]).to(torch.int8)
+        pick = torch.argsort(own, dim=1, stable=True)[:, :k]  # the first k that are not the image itself
+        return dist.gather(1, pick), idx.gather(1, pick)
+
+    def _score(self, batch: torch.Tensor, exclude: torch.Tensor | None = None) -> Prediction:
         g, maps = self._split(self.backbone(batch))
-        dist, nearest = knn(g, self.global_feats, self.k)
+        dist, nearest = self._neighbours(g, exclude)
         scores = dist.mean(1)
         size = tuple(batch.shape[-2:])
         out = torch.zeros(batch.shape[0], *size)
@@ -117,3 +130,20 @@ class SPADE(CNNDetector):
                 grid = d.mean(1).view(1, 1, *fmap.shape[-2:])
                 out[n] += F.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
         return Prediction(scores, gaussian_blur(out, self.sigma))
+
+    def fit_scored(
+        self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
+    ) -> NormalScores | None:
+        """Fit, then score each training image leaving it out of its own K nearest images
+        (and so of its pixel gallery): exact leave-one-out, one more pass over the images."""
+        self.fit(iter_samples(records, self.preprocess), progress=progress)
+        if len(records) < 2:
+            return None
+        parts, done = [], 0
+        for batch in batches(iter_samples(records, self.preprocess), self.batch_size):
+            exclude = torch.arange(done, done + len(batch))
+            parts.append(NormalScores.summarize(self._score(torch.stack([s.image for s in batch]), exclude)))
+            done += len(batch)
+            if progress:
+                progress("normal scores", done, len(records))
+        return NormalScores.collect(parts, list(range(done)), "leave-one-image-out")
