@@ -64,3 +64,31 @@ def test_zero_shot_predict_needs_no_model(small_mvtec: Path, tmp_path: Path) -> 
     assert len(rows) == 8 and all("defective" not in r for r in rows)  # no threshold without normal data
     code, out = run("predict", "--method", "patchcore", str(small_mvtec / "test"))
     assert code == 2 and "defectscope fit" in out
+
+
+def test_fit_threshold_from_all_images_and_validation_guard(small_mvtec: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.dscope"
+    code, out = run("fit", str(small_mvtec), "-o", str(model), "--false-alarm-rate", "0.05")
+    assert code == 0, out
+    assert "leave-one-image-out normal scores of 12 images" in out and "0.95 quantile" in out
+    code, out = run("fit", str(small_mvtec), "-o", str(tmp_path / "v.dscope"), "--validation", str(small_mvtec))
+    assert code == 2 and "--force" in out and not (tmp_path / "v.dscope").exists()
+    code, out = run("fit", str(small_mvtec), "-o", str(tmp_path / "v.dscope"), "--validation", str(small_mvtec), "--force")
+    assert code == 0 and "f1-optimal" in out, out
+    code, out = run("fit", str(small_mvtec), "-o", str(tmp_path / "r.dscope"), "--false-alarm-rate", "2")
+    assert code == 2 and "between 0 and 1" in out
+
+
+def test_demo_says_each_warning_once_on_one_line(tmp_path: Path) -> None:
+    """The bundled sample has 40 orphan masks: the demo says so once, with the count, and
+    its paths unbroken at 80 columns; it writes the model, report.md and report.html."""
+    from defectscope.demo import SAMPLE
+
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "have no image" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: 40 masks"), lines
+    assert str(SAMPLE / "ground_truth" / "defective") in lines[0] and str(SAMPLE / "test" / "defective") in lines[0]
+    for name in ("model.dscope", "report.md", "report.html", "metrics.json"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert "leave-one-image-out" in (tmp_path / "demo" / "report.md").read_text()

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
-from defectscope.data.datasets import load_dataset, training_records
+from defectscope.data.datasets import Record, iter_samples, load_dataset, training_records
 from defectscope.detectors.base import make_detector, training_options
 from defectscope.errors import DefectscopeError
 from defectscope.evaluate import evaluate as run_evaluate
@@ -247,6 +247,63 @@ def synth(
             + ", ".join(f"{k} {v}" for k, v in summary.per_kind.items())
             + (f"; preview {summary.preview}" if summary.preview else "")
         )
+
+    _run(job)
+
+
+@app.command("add-normals")
+def add_normals(
+    model: Annotated[Path, typer.Argument(help="Fitted model file.")],
+    images: Annotated[list[Path], typer.Argument(help="Normal images (files or folders) to learn from.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The new model file (the old one is kept).")],
+) -> None:
+    """Teach a fitted model more normal images without refitting (PatchCore, PaDiM, SPADE, FastRecon)."""
+
+    def job() -> None:
+        if output.exists():
+            raise DefectscopeError(f"{output} already exists; choose a new name (model versions are never overwritten).")
+        detector = load_detector(model)
+        manifest = read_manifest(model)
+        paths = pipeline.expand_images(images)
+        change = detector.add_normals(iter_samples([Record(p) for p in paths], detector.preprocess))
+        extra = {**manifest.get("extra", {}), "parent": manifest["sha256"][:12], "note": f"add-normals: {len(paths)} images"}
+        save_detector(detector, output, extra=extra)
+        console.print(f"wrote [bold]{output}[/] from {model} + {len(paths)} normal images: " + ", ".join(f"{k} {v}" for k, v in change.items()))
+
+    _run(job)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Fitted model file to serve.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    watch: Annotated[Optional[Path], typer.Option(help="Score images dropped into this folder, each once.")] = None,  # noqa: UP045
+    store: Annotated[Path, typer.Option(help="Folder for the results database, images and heatmaps.")] = Path("station"),
+    token: Annotated[Optional[str], typer.Option(envvar="DEFECTSCOPE_TOKEN", help="Token for changes (header X-Token).")] = None,  # noqa: UP045
+) -> None:
+    """Serve a model: HTTP API, review page at /, results store, optional folder watching."""
+    import uvicorn
+
+    from defectscope.serve.app import create_app
+    from defectscope.serve.station import Station
+    from defectscope.serve.store import SQLiteStore
+    from defectscope.serve.watch import FolderWatcher
+
+    def job() -> None:
+        station = Station(model, SQLiteStore(store))
+        web = create_app(station, token=token, require_token=host not in ("127.0.0.1", "localhost", "::1"))
+        watcher = FolderWatcher(station, watch) if watch is not None else None
+        if watcher:
+            watcher.start()
+        console.print(f"serving {model} (version {station.current.version}) on http://{host}:{port}/ ; store {store}"
+                      + (f"; watching {watch}" if watch else ""))
+        try:
+            uvicorn.run(web, host=host, port=port, log_level="warning")
+        finally:
+            if watcher:
+                watcher.stop()
+            station.close()
 
     _run(job)
 

@@ -132,6 +132,13 @@ def score_records(
     return Scored(records, np.array(scores), np.array(labels), maps, masks)
 
 
+def error_rates(scored: Scored, threshold: float) -> tuple[float, float]:
+    """(false-alarm rate on the good images, miss rate on the defective ones) at ``threshold``."""
+    fp, fn = misclassified(scored.scores, scored.labels, threshold)
+    n_bad = int(scored.labels.sum())
+    return fp / max(len(scored.labels) - n_bad, 1), fn / max(n_bad, 1)
+
+
 def metric_rows(scored: Scored, defects: list[str], curves: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per defect type (its images + all good ones) and overall; the overall row's pixel
     ROC and PRO curve points go into ``curves`` when it is given."""
@@ -199,16 +206,10 @@ def evaluate(
     }
     curves: dict[str, Any] = {}
     rows = metric_rows(scored, ds.defects, curves if keep_scores else None)
+    threshold_row = None
     if threshold is not None:
-        fp, fn = misclassified(scored.scores, scored.labels, threshold.value)
-        n_bad = int(scored.labels.sum())
-        threshold_row = {
-            **threshold.to_dict(),
-            "test_false_alarm_rate": fp / max(len(scored.labels) - n_bad, 1),
-            "test_miss_rate": fn / max(n_bad, 1),
-        }
-    else:
-        threshold_row = None
+        far, miss = error_rates(scored, threshold.value)
+        threshold_row = {**threshold.to_dict(), "test_false_alarm_rate": far, "test_miss_rate": miss}
     return EvalResult(
         det.name, str(ds.root), rows, cost, det.config(), threshold_row,
         scored if keep_scores else None, curves,

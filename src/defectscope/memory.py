@@ -160,7 +160,14 @@ def greedy_coreset(
     return _greedy_loop(x, n, first, progress)
 
 
-def covering_radius(features: torch.Tensor, chosen: torch.Tensor) -> float:
-    """max over rows of the distance to the nearest chosen row: what the coreset minimises."""
-    dist, _ = knn(features, features[chosen], 1)
+def covering_radius(features: torch.Tensor, chosen: torch.Tensor, *, max_rows: int | None = None, seed: int = 0) -> float:
+    """max over rows of the distance to the nearest chosen row: what the coreset minimises.
+
+    ``max_rows``: measure on a seeded sample of that many rows (a lower bound, cheap for
+    banks of millions of patches); None: every row (exact)."""
+    rows = features
+    if max_rows is not None and features.shape[0] > max_rows:
+        pick = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
+        rows = features[pick]
+    dist, _ = knn(rows, features[chosen], 1)
     return float(dist.max())

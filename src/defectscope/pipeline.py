@@ -15,13 +15,14 @@ import csv
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder, training_records
+from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES, load_image, to_original
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import ConfigError, DataError
@@ -133,6 +134,16 @@ def _from_scored(detector: Detector, records: list[Record], rate: float, source:
     return Fitted(detector, threshold, (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max()))))
 
 
+def score_samples(
+    detector: Detector, samples: Iterable[Sample], *, batch_size: int = 8
+) -> Iterator[tuple[Sample, float, np.ndarray]]:
+    """(sample, image score, anomaly map at the original image size) per sample: the one
+    way every user-facing path (CLI predict, the station) scores images."""
+    for group, pred in detector.predict_samples(samples, batch_size=batch_size):
+        for sample, score, amap in zip(group, pred.scores.tolist(), pred.maps, strict=True):
+            yield sample, float(score), to_original(amap, sample.geometry).numpy()
+
+
 def predict_to_folder(
     detector: Detector,
     paths: list[Path],
@@ -155,13 +166,12 @@ def predict_to_folder(
     rows: list[dict[str, Any]] = []
     results = []
     samples = iter_samples([Record(p) for p in paths], detector.preprocess)
-    for group, pred in detector.predict_samples(samples, batch_size=1):
-        for sample, score, amap in zip(group, pred.scores.tolist(), pred.maps, strict=True):
-            row = {"path": sample.path, "score": score}
-            if threshold is not None:
-                row["defective"] = bool(score >= threshold)
-            rows.append(row)
-            results.append((Path(sample.path), to_original(amap, sample.geometry).numpy().astype(np.float16)))
+    for sample, score, amap in score_samples(detector, samples, batch_size=1):
+        row = {"path": sample.path, "score": score}
+        if threshold is not None:
+            row["defective"] = bool(score >= threshold)
+        rows.append(row)
+        results.append((Path(sample.path), amap.astype(np.float16)))
         if progress:
             progress("predict", len(rows), len(paths))
     if overlays:

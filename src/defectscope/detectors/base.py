@@ -119,6 +119,11 @@ class Detector(ABC):
         self.fit(iter_samples(records, self.preprocess), progress=progress)
         return NormalScores.collect(parts, order, f"{k}-fold cross-fitting")
 
+    def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
+        """Learn from more normal images without refitting (an inspector's "good part");
+        returns what changed. Methods that cannot say so clearly."""
+        raise ConfigError(f"{self.name} cannot add normal images to a fitted model; refit it with them.")
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """JSON-able hyper-parameters: ``type(self)(**config)`` rebuilds an unfitted twin."""

@@ -66,6 +66,7 @@ class FastRecon(CNNDetector):
         self.support = torch.empty(0)
         self.mu = torch.empty(0)
         self.projector = torch.empty(0)
+        self.n_support: int | None = None  # support images behind mu (None: a file from before it was kept)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -78,10 +79,14 @@ class FastRecon(CNNDetector):
         }
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"support": self.support, "mu": self.mu}
+        out = {"support": self.support, "mu": self.mu}
+        if self.n_support is not None:
+            out["n_support"] = torch.tensor([self.n_support])
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.support, self.mu = state["support"].float(), state["mu"].float()
+        self.n_support = int(state["n_support"][0]) if "n_support" in state else None
         self.projector = self._projector(self.support)
 
     @property
@@ -99,23 +104,49 @@ class FastRecon(CNNDetector):
         a = (1 + self.lam) * gram + rho * torch.eye(s.shape[0], dtype=torch.float64)
         return (s64.T @ torch.cholesky_solve(s64, torch.linalg.cholesky(a))).float()
 
-    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
-        if images is None:
-            raise ConfigError("FastRecon needs at least one normal support image.")
+    def _support_maps(self, images: Iterable[Sample], progress: Progress | None = None) -> list[torch.Tensor]:
+        """Patch feature maps (1 x D x h x w) of each support image."""
         maps = []
         for i, s in enumerate(images):
             maps.append(self.embed(s.image[None]))
             if progress:
                 progress("features", i + 1, 0)
-        if not maps:
-            raise ConfigError("FastRecon got no support images.")
-        grid = maps[0].shape[-2:]
-        self.mu = torch.cat([F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]).mean(0)
-        patches = torch.cat([flatten_patches(m) for m in maps])
+        return maps
+
+    def _install(self, patches: torch.Tensor, mu_sum: torch.Tensor, n: int) -> None:
+        """mu = mean map of the n support images; S = k-center coreset of ``patches``."""
+        self.mu, self.n_support = mu_sum / n, n
         keep = greedy_coreset(patches, min(self.coreset_size, len(patches)), seed=self.seed)
         self.support = patches[keep].contiguous()
         self.projector = self._projector(self.support)
+
+    @staticmethod
+    def _on_grid(maps: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """Sum of the support maps, each resized to ``grid``."""
+        return torch.cat([F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]).sum(0)
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("FastRecon needs at least one normal support image.")
+        maps = self._support_maps(images, progress)
+        if not maps:
+            raise ConfigError("FastRecon got no support images.")
+        patches = torch.cat([flatten_patches(m) for m in maps])
+        self._install(patches, self._on_grid(maps, tuple(maps[0].shape[-2:])), len(maps))
         return self
+
+    def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
+        """Add support images: mu becomes the mean over old and new images, and S the
+        coreset of the old support patches and the new images' patches."""
+        if self.n_support is None:
+            raise ConfigError("This FastRecon model file predates adding normal images (no support count); refit it.")
+        maps = self._support_maps(images)
+        if not maps:
+            return {"added_images": 0, "support_images": self.n_support}
+        patches = torch.cat([self.support, *[flatten_patches(m) for m in maps]])
+        mu_sum = self.mu * self.n_support + self._on_grid(maps, tuple(self.mu.shape[-2:]))
+        self._install(patches, mu_sum, self.n_support + len(maps))
+        return {"added_images": len(maps), "support_images": self.n_support}
 
     def reconstruct(self, feats: torch.Tensor) -> torch.Tensor:
         """Q_hat = (Q + lambda mu) M for N x D x h x w features (mu resized to h x w)."""

@@ -52,16 +52,21 @@ class PaDiM(CNNDetector):
         self.channels = torch.empty(0, dtype=torch.long)
         self.mean = torch.empty(0)
         self.inv_cov = torch.empty(0)
+        self.n_images: int | None = None  # images behind mean and covariance (None: an older file)
         self.timings: dict[str, float] = {}
 
     def config(self) -> dict[str, Any]:
         return {**self.base_config(), "d": self.d, "eps": self.eps, "storage": self.storage, "seed": self.seed, "batch_size": self.batch_size}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"channels": self.channels, "mean": self.mean, "inv_cov": self.inv_cov.to(getattr(torch, self.storage))}
+        out = {"channels": self.channels, "mean": self.mean, "inv_cov": self.inv_cov.to(getattr(torch, self.storage))}
+        if self.n_images is not None:
+            out["n_images"] = torch.tensor([self.n_images])
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.channels, self.mean, self.inv_cov = state["channels"].long(), state["mean"].float(), state["inv_cov"]
+        self.n_images = int(state["n_images"][0]) if "n_images" in state else None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -79,17 +84,14 @@ class PaDiM(CNNDetector):
             self.channels = torch.randperm(total, generator=g)[: self.d].sort().values
         return fused[:, self.channels].permute(0, 2, 3, 1).contiguous()
 
-    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
-        if images is None:
-            raise ConfigError("PaDiM needs normal training images.")
-        t0 = time.perf_counter()
-        n, mean, scatter, shape = 0, None, None, None
+    def _accumulate(
+        self, images: Iterable[Sample], n: int, mean: torch.Tensor | None, scatter: torch.Tensor | None, progress: Progress | None = None
+    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """Chan's pairwise update of (count, mean, scatter matrix) with the images' embeddings."""
         for batch in batches(iter(images), self.batch_size):
-            if shape is None:
-                shape = batch[0].image.shape
-            elif batch[0].image.shape != shape:
-                raise DataError(f"{batch[0].path} has input size {tuple(batch[0].image.shape[1:])}, others {tuple(shape[1:])}; PaDiM needs one size (resize letterbox or squash).")
             e = self.embed(torch.stack([s.image for s in batch]))
+            if mean is not None and e.shape[1:3] != mean.shape[:2]:
+                raise DataError(f"{batch[0].path} has input size {tuple(batch[0].image.shape[1:])}, unlike the others; PaDiM needs one size (resize letterbox or squash).")
             nb = e.shape[0]
             mb = e.mean(0)
             centred = e - mb
@@ -100,18 +102,41 @@ class PaDiM(CNNDetector):
                 delta = mb - mean
                 total = n + nb
                 mean = mean + delta * (nb / total)
-                scatter += sb + torch.einsum("hwi,hwj->hwij", delta, delta) * (n * nb / total)
+                scatter = scatter + sb + torch.einsum("hwi,hwj->hwij", delta, delta) * (n * nb / total)
                 n = total
             if progress:
                 progress("features", n, 0)
-        if mean is None:
-            raise ConfigError("PaDiM got no training images.")
+        return n, mean, scatter
+
+    def _install(self, n: int, mean: torch.Tensor, scatter: torch.Tensor) -> None:
         # One image (1-shot) has no spread: the covariance is then eps * I alone.
         cov = scatter / max(n - 1, 1) + self.eps * torch.eye(self.d)
-        self.mean = mean
+        self.mean, self.n_images = mean, n
         self.inv_cov = torch.cholesky_inverse(torch.linalg.cholesky(cov)).contiguous()
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("PaDiM needs normal training images.")
+        t0 = time.perf_counter()
+        n, mean, scatter = self._accumulate(images, 0, None, None, progress)
+        if mean is None:
+            raise ConfigError("PaDiM got no training images.")
+        self._install(n, mean, scatter)
         self.timings = {"fit_s": time.perf_counter() - t0, "images": float(n)}
         return self
+
+    def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
+        """Update the running mean and covariance with more normal images. The scatter matrix
+        is recovered from the stored inverse covariance (in float64; with float16 storage
+        it carries that storage's rounding)."""
+        if self.n_images is None:
+            raise ConfigError("This PaDiM model file predates adding normal images (no image count); refit it.")
+        cov = torch.linalg.inv(self.inv_cov.double()) - self.eps * torch.eye(self.d, dtype=torch.float64)
+        scatter = (cov * max(self.n_images - 1, 1)).float()
+        before = self.n_images
+        n, mean, scatter = self._accumulate(images, before, self.mean, scatter)
+        self._install(n, mean, scatter)
+        return {"added_images": n - before, "images": n}
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         e = self.embed(batch)

@@ -32,7 +32,9 @@ from defectscope.detectors.base import (
 )
 from defectscope.errors import ConfigError
 from defectscope.features import flatten_patches, patch_features
-from defectscope.memory import Index, greedy_coreset
+from defectscope.memory import Index, covering_radius, greedy_coreset
+
+RADIUS_SAMPLE = 16384  # training patches on which the coreset's covering radius is measured
 
 
 @register
@@ -65,6 +67,7 @@ class PatchCore(CNNDetector):
         self.num_neighbors, self.image_score = num_neighbors, image_score
         self.knn_backend, self.seed, self.batch_size = knn_backend, seed, batch_size
         self.bank = torch.empty(0)
+        self.radius: float | None = None  # covering radius of the coreset over the training patches
         self._index: Index | None = None
         self.timings: dict[str, float] = {}
 
@@ -83,10 +86,14 @@ class PatchCore(CNNDetector):
         }
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank}
+        out = {"bank": self.bank}
+        if self.radius is not None:
+            out["radius"] = torch.tensor([self.radius])
+        return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.bank, self._index = state["bank"].float(), None
+        self.radius = float(state["radius"][0]) if "radius" in state else None
 
     @property
     def index(self) -> Index:
@@ -128,6 +135,8 @@ class PatchCore(CNNDetector):
         report = (lambda i, total: progress("coreset", i, total)) if progress else None
         keep = greedy_coreset(bank, n, proj_dim=self.proj_dim, seed=self.seed, progress=report)
         self.bank, self._index = bank[keep].contiguous(), None
+        full = keep.numel() == bank.shape[0]
+        self.radius = 0.0 if full else covering_radius(bank, keep, max_rows=RADIUS_SAMPLE, seed=self.seed)
         return keep
 
     def _fit_bank(
@@ -179,6 +188,21 @@ class PatchCore(CNNDetector):
                 progress("normal scores", i + 1, len(grids))
         self.timings["normal_scores_s"] = time.perf_counter() - t0
         return NormalScores.collect(parts, order, "leave-one-image-out") if len(order) >= 2 else None
+
+    def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
+        """Append the new normal images' patch features that lie farther from the bank than
+        its covering radius: the bank grows only where it was missing something (with the
+        whole bank kept, radius 0, every new patch not already in it)."""
+        if self.radius is None:
+            raise ConfigError("This PatchCore model file predates adding normal images (no covering radius); refit it.")
+        before, added = self.bank.shape[0], []
+        for batch in batches(iter(images), self.batch_size):
+            feats = flatten_patches(self.embed(torch.stack([s.image for s in batch])))
+            dist, _ = self.index.search(feats, 1)
+            added.append(feats[dist[:, 0] > self.radius])
+        new = torch.cat(added) if added else torch.empty(0, self.bank.shape[1])
+        self.bank, self._index = torch.cat([self.bank, new]).contiguous(), None
+        return {"added_patches": int(new.shape[0]), "bank_before": before, "bank_after": int(self.bank.shape[0]), "radius": self.radius}
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         t0 = time.perf_counter()

@@ -81,27 +81,37 @@ class SPADE(CNNDetector):
         pos = {s: i for i, s in enumerate(self.stages)}
         return fmaps[-1].mean(dim=(2, 3)), [fmaps[pos[s]] for s in self.pixel_stages]
 
-    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
-        if images is None:
-            raise ConfigError("SPADE needs normal training images.")
+    def _extract(self, images: Iterable[Sample], first: int, progress: Progress | None = None) -> int:
+        """Append the images' global features and per-stage patches (owners numbered from
+        ``first``) to the gallery; returns how many images were added."""
         globals_, per_stage, owners = [], [[] for _ in self.pixel_stages], [[] for _ in self.pixel_stages]
-        done = 0
+        done = first
         for batch in batches(iter(images), self.batch_size):
             g, maps = self._split(self.backbone(torch.stack([s.image for s in batch])))
             globals_.append(g)
             for i, m in enumerate(maps):
-                flat = flatten_patches(m).to(getattr(torch, self.storage))
-                per_stage[i].append(flat)
+                per_stage[i].append(flatten_patches(m).to(getattr(torch, self.storage)))
                 owners[i].append(torch.arange(done, done + len(batch)).repeat_interleave(m.shape[2] * m.shape[3]))
             done += len(batch)
             if progress:
                 progress("features", done, 0)
-        if not globals_:
+        if globals_:
+            self.global_feats = torch.cat([self.global_feats, *globals_]) if first else torch.cat(globals_)
+            self.patches = [torch.cat([*self.patches[i : i + 1], *p]) if first else torch.cat(p) for i, p in enumerate(per_stage)]
+            self.owner = [torch.cat([*self.owner[i : i + 1], *o]) if first else torch.cat(o) for i, o in enumerate(owners)]
+        return done - first
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("SPADE needs normal training images.")
+        if self._extract(images, 0, progress) == 0:
             raise ConfigError("SPADE got no training images.")
-        self.global_feats = torch.cat(globals_)
-        self.patches = [torch.cat(p) for p in per_stage]
-        self.owner = [torch.cat(o) for o in owners]
         return self
+
+    def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
+        """Add the images to the k-NN gallery (global features and pixel galleries)."""
+        added = self._extract(images, int(self.global_feats.shape[0]))
+        return {"added_images": added, "gallery_images": int(self.global_feats.shape[0])}
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         return self._score(batch)

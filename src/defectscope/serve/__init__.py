@@ -1,0 +1,1 @@
+"""The station: serve a model over HTTP, keep every result, learn from corrections."""

@@ -1,0 +1,292 @@
+"""The station: one loaded model (with versions), micro-batched scoring, corrections.
+
+Scoring goes through `pipeline.score_samples`, the same path as `defectscope predict`.
+Requests that arrive together are scored as one batch by a worker thread
+(`MicroBatcher`). A correction ("good part") adds the image to the model's normal data
+with `Detector.add_normals`, writes a *new* model file next to the current one and
+switches to it; requests in flight finish on the version they started with, and the
+store records which version scored every image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from defectscope.artifacts import load_detector, read_manifest, save_detector
+from defectscope.data.datasets import Record, iter_samples
+from defectscope.data.images import load_image
+from defectscope.detectors.base import Detector
+from defectscope.errors import ConfigError, DataError
+from defectscope.explain import find_regions
+from defectscope.pipeline import score_samples
+from defectscope.report import overlay
+from defectscope.serve.store import Result, SQLiteStore, new_id
+from defectscope.thresholds import Threshold, f1_optimal
+
+log = logging.getLogger("defectscope")
+MAX_UPLOAD_BYTES = 32 * 2**20
+MAX_PIXELS = 40_000_000
+FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+
+
+class UploadError(DataError):
+    """An upload that cannot be scored (not an image, truncated, empty, too large)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ModelVersion:
+    """A loaded model file: its detector, threshold and heatmap range."""
+
+    version: str  # first 12 hex digits of the model file's content hash
+    path: Path
+    detector: Detector
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelVersion:
+        path = Path(path)
+        detector = load_detector(path)
+        manifest = read_manifest(path)
+        return cls(manifest["sha256"][:12], path, detector, manifest)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.manifest.get("extra", {})
+
+    @property
+    def threshold(self) -> float | None:
+        return (self.extra.get("threshold") or {}).get("value")
+
+    @property
+    def map_range(self) -> tuple[float, float] | None:
+        r = self.extra.get("map_range")
+        return None if r is None else (float(r[0]), float(r[1]))
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "version": self.version,
+            "path": str(self.path),
+            "method": m["method"],
+            "options": m["config"],
+            "threshold": self.extra.get("threshold"),
+            "map_range": self.map_range,
+            "sha256": m["sha256"],
+            "weights_hash": m.get("info", {}).get("weights_hash"),
+            "defectscope_version": m.get("defectscope_version"),
+            "info": m.get("info", {}),
+            "parent": self.extra.get("parent"),
+        }
+
+
+def next_version_path(path: Path) -> Path:
+    """``model.dscope`` -> ``model.v2.dscope`` (or the next free number); never an existing file."""
+    stem = path.name.removesuffix(".dscope")
+    base = stem.rsplit(".v", 1)[0] if stem.rsplit(".v", 1)[-1].isdigit() else stem
+    n = 2
+    while (candidate := path.with_name(f"{base}.v{n}.dscope")).exists():
+        n += 1
+    return candidate
+
+
+def check_upload(data: bytes, name: str) -> str:
+    """The file suffix for an upload, after checking it is a complete, not too large image."""
+    if not data:
+        raise UploadError(f"{name}: the upload is empty (0 bytes); send the image file's content.")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB upload limit.", 413)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            fmt = img.format
+            if w * h > MAX_PIXELS:
+                raise UploadError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP limit.", 413)
+            img.load()
+    except UploadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UploadError(f"{name}: not a readable image ({exc}); send a PNG, JPEG, BMP, TIFF or WebP file.") from exc
+    if fmt not in FORMATS:
+        raise UploadError(f"{name}: image format {fmt} is not accepted; send PNG, JPEG, BMP, TIFF or WebP.")
+    return FORMATS[fmt]
+
+
+@dataclass
+class Job:
+    """One image waiting to be scored: already stored under ``path`` with id ``id``."""
+
+    id: str
+    path: Path
+    source: str
+    seen_key: str | None = None
+
+
+class MicroBatcher:
+    """Collects jobs for up to ``window_s`` (or ``max_batch`` jobs) and scores them together."""
+
+    def __init__(self, score: Any, *, max_batch: int = 8, window_s: float = 0.01) -> None:
+        self._score, self.max_batch, self.window_s = score, max_batch, window_s
+        self._queue: queue.Queue[tuple[Job, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="defectscope-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        fut: Future = Future()
+        self._queue.put((job, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            deadline = time.perf_counter() + self.window_s
+            while len(items) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                items.append(item)
+            try:
+                results = self._score([job for job, _ in items])
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear of it
+                for _, fut in items:
+                    fut.set_exception(exc)
+                continue
+            for (_, fut), res in zip(items, results, strict=True):
+                if isinstance(res, Exception):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+
+class Station:
+    """The serving state: store, current model version, batcher, and the update lock."""
+
+    def __init__(self, model: str | Path, store: SQLiteStore, *, max_batch: int = 8, window_s: float = 0.01) -> None:
+        self.store = store
+        self.current = ModelVersion.load(model)
+        self.store.add_version(self.current.version, str(self.current.path), "loaded")
+        self._versions: dict[str, ModelVersion] = {self.current.version: self.current}
+        self._update = threading.Lock()
+        self.batcher = MicroBatcher(self._score_jobs, max_batch=max_batch, window_s=window_s)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def store_upload(self, data: bytes, name: str) -> Job:
+        """Check an upload and keep it in the store under a new id (the name is only recorded)."""
+        suffix = check_upload(data, name)
+        rid = new_id()
+        path = self.store.root / "images" / f"{rid}{suffix}"
+        path.write_bytes(data)
+        return Job(rid, path, f"upload:{name[:200]}")
+
+    def _score_jobs(self, jobs: list[Job]) -> list[Result | Exception]:
+        """Score stored images with the current version (as one batch) and record them."""
+        model = self.current
+        t0 = time.perf_counter()
+        samples = iter_samples([Record(j.path) for j in jobs], model.detector.preprocess)
+        out: list[Result | Exception] = []
+        try:
+            scored = list(score_samples(model.detector, samples, batch_size=self.batcher.max_batch))
+        except DataError as exc:  # one unreadable file: score the others one by one
+            if len(jobs) == 1:
+                return [UploadError(str(exc))]
+            return [r for j in jobs for r in self._score_jobs([j])]
+        per_image = (time.perf_counter() - t0) / len(jobs)
+        for job, (_, score, amap) in zip(jobs, scored, strict=True):
+            out.append(self._record(job, score, amap, model, per_image, len(jobs)))
+        return out
+
+    def _record(self, job: Job, score: float, amap: np.ndarray, model: ModelVersion, seconds: float, batch: int) -> Result:
+        t0 = time.perf_counter()
+        thr = model.threshold
+        regions = [] if thr is None else [r.to_dict() for r in find_regions(amap, thr)]
+        lo, hi = model.map_range or (float(amap.min()), float(amap.max()))
+        heat = self.store.root / "images" / f"{job.id}_heatmap.png"
+        overlay(load_image(job.path), amap, vmin=lo, vmax=hi).save(heat)
+        verdict = "unknown" if thr is None else ("defect" if score >= thr else "normal")
+        result = Result(
+            job.id, time.time(), job.source, str(job.path.relative_to(self.store.root)),
+            str(heat.relative_to(self.store.root)), score, thr, verdict, model.version, regions,
+            {"score_ms": 1000 * seconds, "record_ms": 1000 * (time.perf_counter() - t0), "batch": batch},
+        )
+        self.store.add(result, seen_key=job.seen_key)
+        return result
+
+    def versions(self) -> list[dict[str, Any]]:
+        return self.store.versions()
+
+    def _switch(self, detector: Detector, extra: dict[str, Any], note: str) -> ModelVersion:
+        """Write ``detector`` as a new model file next to the current one and serve it."""
+        path = next_version_path(self.current.path)
+        save_detector(detector, path, extra={**extra, "parent": self.current.version, "note": note})
+        new = ModelVersion.load(path)
+        self.store.add_version(new.version, str(path), note)
+        self._versions[new.version] = new
+        self.current = new  # requests already batched keep the version they started with
+        log.info("Serving model version %s (%s).", new.version, note)
+        return new
+
+    def use_version(self, version: str) -> ModelVersion:
+        """Serve a version this station has recorded (KeyError if it has none such)."""
+        with self._update:
+            if version not in self._versions:
+                known = {v["version"]: v["path"] for v in self.store.versions()}
+                if version not in known:
+                    raise KeyError(version)
+                self._versions[version] = ModelVersion.load(known[version])
+            self.current = self._versions[version]
+            return self.current
+
+    def feedback(self, result_id: str, label: str) -> tuple[Result, dict[str, Any] | None]:
+        """Record a review; a first "normal" on an image adds it to the model's normal data."""
+        with self._update:
+            result, previous = self.store.set_review(result_id, label)
+            if label != "normal" or previous == "normal":
+                return result, None
+            detector = load_detector(self.current.path)  # a private copy: the served one is never mutated
+            change = detector.add_normals(iter_samples([Record(self.store.root / result.image_file)], detector.preprocess))
+            new = self._switch(detector, self.current.extra, f"good part {result_id}: {change}")
+            return result, {"version": new.version, **change}
+
+    def set_threshold(self, value: float | None = None, *, f1: bool = False) -> ModelVersion:
+        """A new version with a threshold chosen by hand, or F1-optimal on reviewed images."""
+        with self._update:
+            if f1:
+                reviewed = self.store.reviewed()
+                scores = np.array([s for s, _ in reviewed])
+                labels = np.array([r == "defect" for _, r in reviewed])
+                thr = f1_optimal(scores, labels)
+                thr = Threshold(thr.value, "f1-optimal on images reviewed at the station", thr.n_normal, thr.n_defective, "station reviews")
+            elif value is not None:
+                thr = Threshold(float(value), "set by hand at the station", 0, 0, "station")
+            else:
+                raise ConfigError("Give a threshold value, or ask for the F1-optimal one on reviewed images.")
+            detector = load_detector(self.current.path)
+            extra = {**self.current.extra, "threshold": thr.to_dict()}
+            return self._switch(detector, extra, thr.method)

@@ -1,0 +1,204 @@
+"""The station's results store: every scored image, its verdict, model version and review.
+
+`ResultStore` is the small interface the station uses; `SQLiteStore` implements it with
+the standard library's sqlite3 in WAL mode inside the store folder (one file, safe
+against a killed process: a row is either committed or absent). A server database can
+replace it by implementing the same methods.
+
+Images and heatmaps are kept as files under ``<store>/images`` named by result id, never
+by the uploaded name.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from defectscope.errors import DataError
+
+REVIEWS = ("normal", "defect")
+
+
+@dataclass
+class Result:
+    """One scored image as the station recorded it."""
+
+    id: str
+    created: float
+    source: str  # "upload:<name>" or "watch:<path>" (for people; never used as a path)
+    image_file: str  # relative to the store folder
+    heatmap_file: str
+    score: float
+    threshold: float | None
+    verdict: str  # "defect", "normal" or "unknown" (no threshold)
+    model_version: str
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    review: str | None = None
+    reviewed_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResultStore(Protocol):
+    """What the station needs from a store; SQLite by default."""
+
+    root: Path
+
+    def add(self, result: Result, *, seen_key: str | None = None) -> None: ...
+    def get(self, result_id: str) -> Result | None: ...
+    def query(self, *, verdict: str | None = None, review: str | None = None, limit: int = 50, offset: int = 0) -> list[Result]: ...
+    def count(self, *, verdict: str | None = None, review: str | None = None) -> int: ...
+    def set_review(self, result_id: str, label: str) -> tuple[Result, str | None]: ...
+    def reviewed(self) -> list[tuple[float, str]]: ...
+    def scores(self, limit: int = 2000) -> list[tuple[float, float, str]]: ...
+    def seen(self, key: str) -> bool: ...
+    def add_version(self, version: str, path: str, note: str) -> None: ...
+    def versions(self) -> list[dict[str, Any]]: ...
+
+
+def new_id() -> str:
+    """A result id that is safe as a file name and unguessable."""
+    return uuid.uuid4().hex
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL,
+    image_file TEXT NOT NULL, heatmap_file TEXT NOT NULL, score REAL NOT NULL, threshold REAL,
+    verdict TEXT NOT NULL, model_version TEXT NOT NULL, regions TEXT NOT NULL, timings TEXT NOT NULL,
+    review TEXT, reviewed_at REAL
+);
+CREATE INDEX IF NOT EXISTS results_created ON results(created);
+CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, result_id TEXT, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, path TEXT NOT NULL, note TEXT NOT NULL, created REAL NOT NULL);
+"""
+
+
+class SQLiteStore:
+    """`ResultStore` in ``<root>/results.sqlite3`` (WAL mode); thread-safe."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.root / "results.sqlite3", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise DataError(f"{self.root / 'results.sqlite3'} is not a usable results store ({exc}); move it away or choose another --store.") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, result: Result, *, seen_key: str | None = None) -> None:
+        """Record a result (and, in the same transaction, that a watched file was scored)."""
+        r = result
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (r.id, r.created, r.source, r.image_file, r.heatmap_file, r.score, r.threshold, r.verdict,
+                 r.model_version, json.dumps(r.regions), json.dumps(r.timings), r.review, r.reviewed_at),
+            )
+            if seen_key is not None:
+                db.execute("INSERT OR REPLACE INTO seen VALUES (?,?,?)", (seen_key, r.id, r.created))
+
+    @staticmethod
+    def _row(row: tuple) -> Result:
+        values = list(row)
+        values[9], values[10] = json.loads(values[9]), json.loads(values[10])
+        return Result(*values)
+
+    def get(self, result_id: str) -> Result | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
+        return None if row is None else self._row(row)
+
+    @staticmethod
+    def _where(verdict: str | None, review: str | None) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if verdict is not None:
+            clauses.append("verdict = ?")
+            args.append(verdict)
+        if review == "unreviewed":
+            clauses.append("review IS NULL")
+        elif review is not None:
+            clauses.append("review = ?")
+            args.append(review)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def query(self, *, verdict: str | None = None, review: str | None = None, limit: int = 50, offset: int = 0) -> list[Result]:
+        where, args = self._where(verdict, review)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM results{where} ORDER BY created DESC, id LIMIT ? OFFSET ?", (*args, limit, offset)
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count(self, *, verdict: str | None = None, review: str | None = None) -> int:
+        where, args = self._where(verdict, review)
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM results{where}", args).fetchone()[0])
+
+    def set_review(self, result_id: str, label: str) -> tuple[Result, str | None]:
+        """Record an inspector's label (the last correction wins); returns the result and the
+        label it had before, read in the same transaction, so concurrent corrections of one
+        image are seen one after the other. KeyError for an unknown id."""
+        if label not in REVIEWS:
+            raise DataError(f"Unknown review label {label!r}; use one of {', '.join(REVIEWS)}.")
+        with self._tx() as db:
+            row = db.execute("SELECT review FROM results WHERE id = ?", (result_id,)).fetchone()
+            if row is None:
+                raise KeyError(result_id)
+            db.execute("UPDATE results SET review = ?, reviewed_at = ? WHERE id = ?", (label, time.time(), result_id))
+            full = db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
+        return self._row(full), row[0]
+
+    def scores(self, limit: int = 2000) -> list[tuple[float, float, str]]:
+        """(time, score, review or '') of the latest ``limit`` results, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT created, score, COALESCE(review, '') FROM results ORDER BY created DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [tuple(r) for r in reversed(rows)]
+
+    def reviewed(self) -> list[tuple[float, str]]:
+        """(score, review) of every reviewed result."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute("SELECT score, review FROM results WHERE review IS NOT NULL")]
+
+    def seen(self, key: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM seen WHERE key = ?", (key,)).fetchone() is not None
+
+    def add_version(self, version: str, path: str, note: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO versions VALUES (?,?,?,?)", (version, path, note, time.time()))
+
+    def versions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT version, path, note, created FROM versions ORDER BY created").fetchall()
+        return [{"version": v, "path": p, "note": n, "created": c} for v, p, n, c in rows]

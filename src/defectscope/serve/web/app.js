@@ -1,0 +1,205 @@
+// The review page: a queue of results, one result's detail, corrections, the threshold
+// slider and the score-over-time chart. Plain JavaScript against the station's /v1 API.
+"use strict";
+
+const state = { filter: "", selected: null, threshold: null, scores: [], model: null };
+const $ = (id) => document.getElementById(id);
+const token = new URLSearchParams(location.search).get("token") || localStorage.getItem("defectscope-token") || "";
+if (token) localStorage.setItem("defectscope-token", token);
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {}, token ? { "X-Token": token } : {});
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail ? JSON.stringify(body.detail) : response.statusText);
+  return body;
+}
+
+function say(text, isError = false) {
+  const box = $("message");
+  box.textContent = text;
+  box.className = isError ? "error" : "";
+}
+
+async function loadModel() {
+  const m = await api("/v1/model");
+  state.model = m;
+  state.threshold = m.threshold ? m.threshold.value : null;
+  $("model-version").textContent = m.version;
+  $("model-method").textContent = m.method;
+  $("threshold-value").textContent = state.threshold === null ? "none" : state.threshold.toPrecision(4);
+  $("threshold-how").textContent = m.threshold ? `(${m.threshold.method})` : "";
+}
+
+function item(r) {
+  const li = document.createElement("li");
+  li.dataset.id = r.id;
+  li.className = r.id === state.selected ? "selected" : "";
+  const review = r.review ? ` · reviewed ${r.review}` : "";
+  li.innerHTML = `<img src="${r.heatmap_url}" alt="">
+    <div><span class="verdict-${r.verdict}">${r.verdict}</span> ${r.score.toPrecision(4)}
+    <div class="muted">${new Date(r.created * 1000).toLocaleTimeString()} · v ${r.model_version}${review}</div></div>`;
+  li.addEventListener("click", () => select(r.id));
+  return li;
+}
+
+async function loadQueue() {
+  const page = await api(`/v1/results?limit=100${state.filter ? "&" + state.filter : ""}`);
+  const queue = $("queue");
+  queue.replaceChildren(...page.items.map(item));
+  $("queue-count").textContent = `${page.total} shown by this filter`;
+}
+
+function drawBoxes(r) {
+  const img = $("detail-heatmap");
+  const boxes = $("boxes");
+  boxes.replaceChildren();
+  const sx = img.clientWidth / img.naturalWidth, sy = img.clientHeight / img.naturalHeight;
+  for (const g of r.regions) {
+    const b = document.createElement("div");
+    b.className = "box";
+    Object.assign(b.style, { left: `${g.x * sx}px`, top: `${g.y * sy}px`, width: `${g.width * sx}px`, height: `${g.height * sy}px` });
+    b.title = `${g.position}, ${(100 * g.area_share).toFixed(2)}% of the image`;
+    boxes.appendChild(b);
+  }
+}
+
+async function select(id) {
+  const r = await api(`/v1/results/${id}`);
+  state.selected = id;
+  $("detail").hidden = false;
+  $("detail-verdict").textContent = r.verdict;
+  $("detail-verdict").className = `verdict-${r.verdict}`;
+  $("detail-score").textContent = r.score.toPrecision(4);
+  $("detail-meta").textContent = `${r.source} · scored by model ${r.model_version} · ${r.regions.length} region(s) above the threshold`;
+  $("detail-image").src = r.image_url;
+  const heat = $("detail-heatmap");
+  heat.onload = () => drawBoxes(r);
+  heat.src = r.heatmap_url;
+  $("review-state").textContent = r.review ? `reviewed: ${r.review}` : "not reviewed";
+  for (const li of $("queue").children) li.className = li.dataset.id === id ? "selected" : "";
+}
+
+async function review(label) {
+  if (!state.selected) return;
+  try {
+    const out = await api("/v1/feedback", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id: state.selected, label }),
+    });
+    const update = out.model_update;
+    say(update ? `Learned this good part: model ${update.version} (${update.added_patches ?? "new"} patches added).` : `Recorded: ${label}.`);
+    await refresh();
+    await select(state.selected);
+  } catch (err) {
+    say(`Could not record the review: ${err.message}`, true);
+  }
+}
+
+async function upload(files) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  say(`Scoring ${files.length} image(s)…`);
+  try {
+    const out = await api("/v1/predict", { method: "POST", body: form });
+    say(`Scored ${out.results.length}: ` + out.results.map((r) => `${r.verdict} (${r.score.toPrecision(4)})`).join(", "));
+    await refresh();
+    await select(out.results[0].id);
+  } catch (err) {
+    say(`Upload refused: ${err.message}`, true);
+  }
+}
+
+function flips(value) {
+  if (state.threshold === null) return state.scores.length;
+  return state.scores.filter((p) => (p.score >= value) !== (p.score >= state.threshold)).length;
+}
+
+function setupSlider() {
+  const slider = $("slider");
+  const values = state.scores.map((p) => p.score).concat(state.threshold === null ? [] : [state.threshold]);
+  if (!values.length) return;
+  const lo = Math.min(...values), hi = Math.max(...values);
+  slider.min = lo - 0.05 * (hi - lo || 1);
+  slider.max = hi + 0.05 * (hi - lo || 1);
+  if (document.activeElement !== slider) slider.value = state.threshold ?? hi;
+  showSlider();
+}
+
+function showSlider() {
+  const v = Number($("slider").value);
+  $("slider-value").textContent = v.toPrecision(4);
+  const n = flips(v);
+  $("flip-count").textContent = `${n} of ${state.scores.length} verdicts would flip`;
+  $("btn-save-threshold").disabled = state.threshold !== null && Math.abs(v - state.threshold) < 1e-9;
+}
+
+async function saveThreshold(body) {
+  try {
+    const m = await api("/v1/threshold", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    say(`Threshold ${m.threshold.value.toPrecision(4)} saved as model ${m.version}.`);
+    await refresh();
+  } catch (err) {
+    say(`Threshold not saved: ${err.message}`, true);
+  }
+}
+
+function drawDrift() {
+  const svg = $("drift");
+  const w = svg.width.baseVal.value, h = svg.height.baseVal.value, pad = 24;
+  const pts = state.scores;
+  const parts = [];
+  if (pts.length) {
+    const ys = pts.map((p) => p.score).concat(state.threshold === null ? [] : [state.threshold]);
+    const lo = Math.min(...ys), hi = Math.max(...ys), span = hi - lo || 1;
+    const X = (i) => pad + (i / Math.max(1, pts.length - 1)) * (w - 2 * pad);
+    const Y = (v) => h - pad - ((v - lo) / span) * (h - 2 * pad);
+    parts.push(`<polyline fill="none" stroke="#1f5fbf" stroke-width="1.2" points="${pts.map((p, i) => `${X(i).toFixed(1)},${Y(p.score).toFixed(1)}`).join(" ")}"/>`);
+    for (const [i, p] of pts.entries()) {
+      if (p.review) parts.push(`<circle cx="${X(i).toFixed(1)}" cy="${Y(p.score).toFixed(1)}" r="3" fill="${p.review === "normal" ? "#2b8a3e" : "#c92a2a"}"/>`);
+    }
+    if (state.threshold !== null) {
+      const y = Y(state.threshold).toFixed(1);
+      parts.push(`<line id="drift-threshold" x1="${pad}" x2="${w - pad}" y1="${y}" y2="${y}" stroke="#000" stroke-dasharray="5 3"/>`);
+    }
+    parts.push(`<text x="${pad}" y="14" font-size="11">${pts.length} latest images · dashed: threshold · dots: reviewed</text>`);
+  } else {
+    parts.push(`<text x="${pad}" y="40" font-size="12">No images scored yet.</text>`);
+  }
+  svg.innerHTML = parts.join("");
+}
+
+async function refresh() {
+  await loadModel();
+  const s = await api("/v1/scores");
+  state.scores = s.points;
+  setupSlider();
+  drawDrift();
+  await loadQueue();
+}
+
+function wire() {
+  for (const b of $("filters").querySelectorAll("button")) {
+    b.addEventListener("click", () => {
+      state.filter = b.dataset.filter;
+      for (const o of $("filters").querySelectorAll("button")) o.classList.toggle("on", o === b);
+      loadQueue();
+    });
+  }
+  $("btn-good").addEventListener("click", () => review("normal"));
+  $("btn-defect").addEventListener("click", () => review("defect"));
+  $("slider").addEventListener("input", showSlider);
+  $("btn-save-threshold").addEventListener("click", () => saveThreshold({ value: Number($("slider").value) }));
+  $("btn-f1").addEventListener("click", () => saveThreshold({ f1_from_reviews: true }));
+  $("file-input").addEventListener("change", (e) => upload([...e.target.files]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); upload([...e.dataTransfer.files]); });
+  window.addEventListener("resize", () => state.selected && select(state.selected));
+}
+
+wire();
+refresh().catch((err) => say(`Station not reachable: ${err.message}`, true));
+setInterval(() => refresh().catch(() => {}), 5000);
