@@ -15,7 +15,8 @@ from defectscope.errors import ConfigError
 from defectscope.evaluate import evaluate
 
 
-SPADE_SUBSET_FLOORS = (0.0, 0.0, 0.0)  # set from the measurement below
+# image AUROC, pixel AUROC, AUPRO on the seeded 120-image subset: measured 0.708 / 0.896 / 0.862
+SPADE_SUBSET_FLOORS = (0.66, 0.86, 0.82)
 
 
 @pytest.fixture(scope="module")

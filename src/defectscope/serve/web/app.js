@@ -192,7 +192,11 @@ function wire() {
   $("slider").addEventListener("input", showSlider);
   $("btn-save-threshold").addEventListener("click", () => saveThreshold({ value: Number($("slider").value) }));
   $("btn-f1").addEventListener("click", () => saveThreshold({ f1_from_reviews: true }));
-  $("file-input").addEventListener("change", (e) => upload([...e.target.files]));
+  $("file-input").addEventListener("change", (e) => {
+    const files = [...e.target.files];
+    e.target.value = "";  // the same file can be chosen again (re-check after a correction)
+    upload(files);
+  });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
