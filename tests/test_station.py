@@ -132,7 +132,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_station_keeps_serving(client: TestCl
     assert client.post("/v1/feedback", json={"id": "nope", "label": "maybe"}).status_code == 422
     assert client.post("/v1/predict", files={"files": ("../../etc/x.png", good.read_bytes(), "image/png")}).status_code == 200
     assert not (tmp_path / "etc").exists()  # the upload's name never becomes a path
+    mixed = [("files", ("ok.png", good.read_bytes(), "image/png")), ("files", ("bad.png", b"junk", "image/png"))]
+    assert client.post("/v1/predict", files=mixed).status_code == 400  # one bad file refuses the request
     assert client.get("/v1/results").json()["total"] == 1  # refused uploads leave no result
+    assert len(list((tmp_path / "store" / "images").iterdir())) == 2  # nor any file: one image, one heatmap
 
 
 def test_two_inspectors_correct_the_same_image_at_once(client: TestClient, battery: Path) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from defectscope import __version__
 from defectscope.errors import ConfigError, DefectscopeError
-from defectscope.serve.station import UploadError, Station
+from defectscope.serve.station import MAX_UPLOAD_BYTES, Station, UploadError
 from defectscope.serve.store import Result
 
 WEB = Path(__file__).parent / "web"
@@ -94,13 +94,16 @@ def create_app(station: Station, *, token: str | None = None, require_token: boo
 
     @app.post("/v1/predict", summary="Score one or more images (multipart field 'files', or the raw image as the body)")
     async def predict(request: Request, files: Annotated[list[UploadFile] | None, File(description="Image files.")] = None) -> dict[str, Any]:
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_FILES * MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"The request is {length / 2**20:.0f} MB; send at most {MAX_FILES} images of {MAX_UPLOAD_BYTES // 2**20} MB.")
         if files:
             if len(files) > MAX_FILES:
                 raise HTTPException(413, f"At most {MAX_FILES} images per request.")
             uploads = [(await f.read(), f.filename or "upload") for f in files]
         else:
             uploads = [(await request.body(), request.headers.get("x-filename", "upload"))]
-        jobs = [station.store_upload(data, name) for data, name in uploads]
+        jobs = station.store_uploads(uploads)
         futures = [asyncio.wrap_future(station.batcher.submit(job)) for job in jobs]
         try:
             results = await asyncio.gather(*futures)

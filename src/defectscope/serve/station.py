@@ -197,13 +197,17 @@ class Station:
     def close(self) -> None:
         self.batcher.close()
 
-    def store_upload(self, data: bytes, name: str) -> Job:
-        """Check an upload and keep it in the store under a new id (the name is only recorded)."""
-        suffix = check_upload(data, name)
-        rid = new_id()
-        path = self.store.root / "images" / f"{rid}{suffix}"
-        path.write_bytes(data)
-        return Job(rid, path, f"upload:{name[:200]}")
+    def store_uploads(self, uploads: list[tuple[bytes, str]]) -> list[Job]:
+        """Check every upload, then keep each in the store under a new id (names are only
+        recorded): one bad file refuses the request before anything is written."""
+        suffixes = [check_upload(data, name) for data, name in uploads]
+        jobs = []
+        for (data, name), suffix in zip(uploads, suffixes, strict=True):
+            rid = new_id()
+            path = self.store.root / "images" / f"{rid}{suffix}"
+            path.write_bytes(data)
+            jobs.append(Job(rid, path, f"upload:{name[:200]}"))
+        return jobs
 
     def _score_jobs(self, jobs: list[Job]) -> list[Result | Exception]:
         """Score stored images with the current version (as one batch) and record them."""
@@ -215,6 +219,7 @@ class Station:
             scored = list(score_samples(model.detector, samples, batch_size=self.batcher.max_batch))
         except DataError as exc:  # one unreadable file: score the others one by one
             if len(jobs) == 1:
+                jobs[0].path.unlink(missing_ok=True)  # no result, so no orphaned image either
                 return [UploadError(str(exc))]
             return [r for j in jobs for r in self._score_jobs([j])]
         per_image = (time.perf_counter() - t0) / len(jobs)
