@@ -92,3 +92,18 @@ def test_demo_says_each_warning_once_on_one_line(tmp_path: Path) -> None:
     for name in ("model.dscope", "report.md", "report.html", "metrics.json"):
         assert (tmp_path / "demo" / name).is_file()
     assert "leave-one-image-out" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_add_normals_writes_a_new_model_and_keeps_the_old(small_mvtec: Path, tmp_path: Path) -> None:
+    model, new = tmp_path / "m.dscope", tmp_path / "m2.dscope"
+    assert run("fit", str(small_mvtec), "-o", str(model))[0] == 0
+    before = model.read_bytes()
+    code, out = run("add-normals", str(model), str(small_mvtec / "test/good"), "-o", str(new))
+    assert code == 0 and "added_patches" in out, out
+    assert model.read_bytes() == before and new.is_file()
+    from defectscope.artifacts import read_manifest
+
+    extra = read_manifest(new)["extra"]
+    assert extra["parent"] == read_manifest(model)["sha256"][:12] and extra["threshold"] == read_manifest(model)["extra"]["threshold"]
+    code, out = run("add-normals", str(model), str(small_mvtec / "test/good"), "-o", str(new))
+    assert code == 2 and "already exists" in out
