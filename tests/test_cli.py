@@ -35,7 +35,7 @@ def test_fit_predict_evaluate(small_mvtec: Path, tmp_path: Path) -> None:
     assert all("defective" in row for row in scores["images"])
     assert len(list((tmp_path / "pred2").glob("*_heatmap.png"))) == 8
     code, out = run("predict", str(model), str(small_mvtec / "test/good"), "--out", str(tmp_path / "pred"))
-    assert code == 2 and "already exists" in out  # nothing overwritten
+    assert code == 2 and "already exists" in out and "--resume" in out  # nothing overwritten
     table = tmp_path / "table.csv"
     code, out = run("evaluate", str(small_mvtec), "--set", "coreset_ratio=0.1", "-o", str(table))
     assert code == 0, out
@@ -61,7 +61,7 @@ def test_zero_shot_predict_needs_no_model(small_mvtec: Path, tmp_path: Path) -> 
     code, out = run("predict", "--method", "musc", str(small_mvtec / "test"), "--out", str(tmp_path / "z"))
     assert code == 0, out
     rows = json.loads((tmp_path / "z/scores.json").read_text())["images"]
-    assert len(rows) == 8 and all("defective" not in r for r in rows)  # no threshold without normal data
+    assert len(rows) == 8 and all(r["defective"] is None for r in rows)  # no verdict without normal data
     code, out = run("predict", "--method", "patchcore", str(small_mvtec / "test"))
     assert code == 2 and "defectscope fit" in out
 
@@ -107,3 +107,36 @@ def test_add_normals_writes_a_new_model_and_keeps_the_old(small_mvtec: Path, tmp
     assert extra["parent"] == read_manifest(model)["sha256"][:12] and extra["threshold"] == read_manifest(model)["extra"]["threshold"]
     code, out = run("add-normals", str(model), str(small_mvtec / "test/good"), "-o", str(new))
     assert code == 2 and "already exists" in out
+
+
+def test_predict_streams_skips_broken_files_and_resumes(small_mvtec: Path, tmp_path: Path) -> None:
+    """A folder where some files are not images: every good file is scored, every broken
+    one listed in errors.csv, exit status 3; a killed run resumed gives the same rows once."""
+    import csv
+    import shutil
+
+    model = tmp_path / "m.dscope"
+    assert run("fit", str(small_mvtec), "-o", str(model))[0] == 0
+    folder = tmp_path / "mixed"
+    shutil.copytree(small_mvtec / "test", folder)
+    (folder / "good" / "notes.png").write_text("not an image")
+    png = next((folder / "defective").iterdir()).read_bytes()
+    (folder / "defective" / "cut.png").write_bytes(png[: len(png) // 3])
+    code, out = run("predict", str(model), str(folder), "--out", str(tmp_path / "all"), "--no-heatmaps")
+    assert code == 3, out
+    assert "scored 8 images" in out and "2 skipped" in out
+    with (tmp_path / "all/errors.csv").open() as fh:
+        errors = list(csv.DictReader(fh))
+    assert sorted(Path(e["path"]).name for e in errors) == ["cut.png", "notes.png"] and all(e["reason"] for e in errors)
+    code, out = run("predict", str(model), str(folder), "--out", str(tmp_path / "strict"), "--strict", "--no-heatmaps")
+    assert code == 2 and "Cannot read" in out
+    full = (tmp_path / "all/scores.csv").read_text().splitlines()
+    # an interrupted run: the first 5 rows, the 6th cut mid-line by a kill
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "scores.csv").write_text("\n".join(full[:6]) + "\n" + full[6][:9])
+    code, out = run("predict", str(model), str(folder), "--out", str(part), "--resume", "--no-heatmaps")
+    assert code == 3 and "5 already done" in out, out
+    resumed = (part / "scores.csv").read_text().splitlines()
+    assert sorted(resumed) == sorted(full) and len(set(resumed)) == len(resumed)
+    assert len((part / "scores.jsonl").read_text().splitlines()) == 8

@@ -18,6 +18,7 @@ from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, iter_samples, load_dataset, training_records
 from defectscope.detectors.base import make_detector, training_options
+from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
 from defectscope.evaluate import evaluate as run_evaluate
 from defectscope.evaluate import evaluate_fewshot
@@ -136,10 +137,13 @@ def fit(
     _run(job)
 
 
+EXIT_SKIPPED = 3  # predict: some images could not be read (listed in OUT/errors.csv); the rest were scored
+
+
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="MODEL IMAGES... (model file, then image files or folders); with --method, only IMAGES...")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.json and heatmaps.")] = Path("predictions"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.jsonl, scores.json, errors.csv and heatmaps.")] = Path("predictions"),
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Zero-shot method that needs no model file (e.g. musc).")] = None,  # noqa: UP045
     size: Size = 256,
     resize: Resize = None,
@@ -147,10 +151,15 @@ def predict(
     class_name: ClassName = None,
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's threshold.")] = None,  # noqa: UP045
     heatmaps: Annotated[bool, typer.Option(help="Write heatmap overlay PNGs.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue a run into the same --out: skip images already in scores.csv.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (default: list it in errors.csv and go on).")] = False,
 ) -> None:
-    """Score images with a fitted model (or a zero-shot --method); write scores and heatmaps."""
+    """Score images with a fitted model (or a zero-shot --method); results stream into --out.
 
-    def job() -> None:
+    Exit status: 0 when every image was scored, 3 when some could not be read (they are in
+    OUT/errors.csv), 2 on an error that stopped the run (what was scored is kept)."""
+
+    def job() -> int:
         extra: dict[str, Any] = {}
         if method is not None:
             detector = make_detector(method, **_config(size, resize, options, class_name))
@@ -167,13 +176,16 @@ def predict(
         thr = threshold if threshold is not None else (extra.get("threshold") or {}).get("value")
         paths = pipeline.expand_images(images)
         with _progress() as report:
-            rows = pipeline.predict_to_folder(
-                detector, paths, out, threshold=thr, map_range=extra.get("map_range"), overlays=heatmaps, progress=report
+            summary = predict_folder(
+                detector, paths, out, threshold=thr, map_range=extra.get("map_range"), overlays=heatmaps,
+                resume=resume, strict=strict, progress=report,
             )
-        flagged = sum(1 for r in rows if r.get("defective"))
-        console.print(f"scored {len(rows)} images" + (f", {flagged} defective" if thr is not None else "") + f"; results in {out}")
+        console.print(summary.line(out))
+        return EXIT_SKIPPED if summary.skipped else 0
 
-    _run(job)
+    code = _run(job)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from defectscope import pipeline
 from defectscope.artifacts import save_detector
 from defectscope.data.datasets import load_dataset
 from defectscope.detectors.base import make_detector
+from defectscope.engines.local import predict_folder
 from defectscope.evaluate import evaluate
 from defectscope.report import html_report
 from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE
@@ -50,9 +51,9 @@ def run_demo(
     chosen = [r.path for r in test if r.label == 0][:3] + [r.path for r in test if r.label == 1][:3]
     thr = fitted.threshold.value if fitted.threshold else None
     with progress() as report:
-        rows = pipeline.predict_to_folder(
+        rows = predict_folder(
             fitted.detector, chosen, out / "predictions", threshold=thr, map_range=fitted.map_range, progress=report
-        )
+        ).rows
     lines = [
         "# defectscope demo",
         "",
@@ -62,7 +63,7 @@ def run_demo(
         "",
         "| image | score | flagged defective |",
         "|---|---|---|",
-        *[f"| {Path(r['path']).name} | {r['score']:.3f} | {r.get('defective', '-')} |" for r in rows],
+        *[f"| {Path(r['path']).name} | {r['score']:.3f} | {'-' if r['defective'] is None else r['defective']} |" for r in rows],
         "",
         f"Heatmaps: `{out / 'predictions'}`; report with curves, histograms and the worst cases: `{page}`",
     ]

@@ -1,19 +1,18 @@
-"""The user's jobs end to end: fit from a folder (with a threshold), predict into a folder.
+"""The user's jobs end to end: fit from a folder (with a threshold), and scoring images.
 
 Fitting uses every normal image and sets the decision threshold at a stated false-alarm
 rate from the normal scores of *all* training images, each scored by a model that did not
 see it (`Detector.fit_scored`: leave-one-image-out for memory banks, cross-fitting for the
 rest). The old rule, holding out a seeded fraction, is ``holdout > 0``. With a validation
 set that has defective images the threshold is F1-optimal instead; a validation set that
-is the test split (or the training images) is refused unless forced. Predicting writes
-scores (CSV + JSON) and heatmap overlays, and never overwrites an existing output file.
+is the test split (or the training images) is refused unless forced. Scoring is
+`score_samples`, the one way every user-facing path scores images (batch runs into a
+folder are `defectscope.engines.local`).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset, load_folder, training_records
-from defectscope.data.images import IMAGE_SUFFIXES, load_image, to_original
+from defectscope.data.images import IMAGE_SUFFIXES, to_original
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import ConfigError, DataError
 from defectscope.evaluate import score_records
-from defectscope.report import save_overlay
 from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold, choose, from_normal
 
 log = logging.getLogger("defectscope")
@@ -142,48 +140,6 @@ def score_samples(
     for group, pred in detector.predict_samples(samples, batch_size=batch_size):
         for sample, score, amap in zip(group, pred.scores.tolist(), pred.maps, strict=True):
             yield sample, float(score), to_original(amap, sample.geometry).numpy()
-
-
-def predict_to_folder(
-    detector: Detector,
-    paths: list[Path],
-    out: Path,
-    *,
-    threshold: float | None = None,
-    map_range: tuple[float, float] | None = None,
-    overlays: bool = True,
-    progress: Progress | None = None,
-) -> list[dict[str, Any]]:
-    """Score images, write ``scores.csv``, ``scores.json`` and ``<stem>_heatmap.png`` to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = output_names(paths)
-    targets = [out / "scores.csv", out / "scores.json"]
-    if overlays:
-        targets += [out / f"{names[p]}_heatmap.png" for p in paths]
-    clash = [t for t in targets if t.exists()]
-    if clash:
-        raise DataError(f"{clash[0]} already exists ({len(clash)} output files would be overwritten); use an empty --out folder.")
-    rows: list[dict[str, Any]] = []
-    results = []
-    samples = iter_samples([Record(p) for p in paths], detector.preprocess)
-    for sample, score, amap in score_samples(detector, samples, batch_size=1):
-        row = {"path": sample.path, "score": score}
-        if threshold is not None:
-            row["defective"] = bool(score >= threshold)
-        rows.append(row)
-        results.append((Path(sample.path), amap.astype(np.float16)))
-        if progress:
-            progress("predict", len(rows), len(paths))
-    if overlays:
-        lo, hi = map_range or (min(float(m.min()) for _, m in results), max(float(m.max()) for _, m in results))
-        for path, amap in results:
-            save_overlay(out / f"{names[path]}_heatmap.png", load_image(path), amap.astype(np.float32), vmin=lo, vmax=hi)
-    with (out / "scores.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "scores.json").write_text(json.dumps({"threshold": threshold, "images": rows}, indent=2))
-    return rows
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:

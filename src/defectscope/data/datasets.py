@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,10 +230,22 @@ def load_sample(rec: Record, pre: Preprocess) -> Sample:
     return Sample(image, geo, str(rec.path), rec.label, rec.defect, mask)
 
 
-def iter_samples(records: Sequence[Record], pre: Preprocess) -> Iterator[Sample]:
-    """Decode records one by one (lazily, so a large folder never sits in memory)."""
+def iter_samples(
+    records: Sequence[Record], pre: Preprocess, *, on_error: Callable[[Record, DataError], None] | None = None
+) -> Iterator[Sample]:
+    """Decode records one by one (lazily, so a large folder never sits in memory).
+
+    ``on_error``: called with a record that cannot be decoded, which is then skipped
+    (a batch run goes on); without it the DataError is raised."""
     for rec in records:
-        yield load_sample(rec, pre)
+        try:
+            sample = load_sample(rec, pre)
+        except DataError as exc:
+            if on_error is None:
+                raise
+            on_error(rec, exc)
+            continue
+        yield sample
 
 
 def batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:

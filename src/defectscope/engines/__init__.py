@@ -1,0 +1,1 @@
+"""Batch scoring engines: local (streaming, resumable); all write the same rows."""
