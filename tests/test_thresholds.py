@@ -31,14 +31,17 @@ def _scores_without(method: str, records: list, i: int, **options) -> float:
 )
 def test_normal_scores_are_leave_one_out(battery: Path, method: str, options: dict) -> None:
     """Each training image's score equals that of a model fitted without it. PatchCore
-    and SPADE leave the image out of the fitted bank; PaDiM and FastRecon cross-fit
-    (with as many folds as images, which is leave-one-out)."""
+    and SPADE leave the image out of the fitted bank, PaDiM downdates its Gaussians in
+    closed form, FastRecon cross-fits (with as many folds as images: leave-one-out)."""
     records = load_dataset(battery).train[:5]
     det = make_detector(method, **options)
     normal = det.fit_scored(records, folds=len(records))
     assert normal is not None and normal.scores.shape == (5,)
+    # PaDiM's twin inverts a covariance of 4 images in 100 dimensions (condition ~1e4) in
+    # float32: its own rounding is ~1e-3; the closed form runs in float64.
+    rel = 2e-3 if method == "padim" else 1e-4
     for i in (0, 3):
-        assert normal.scores[i] == pytest.approx(_scores_without(method, records, i, **options), rel=1e-4)
+        assert normal.scores[i] == pytest.approx(_scores_without(method, records, i, **options), rel=rel)
     # and the detector itself is fitted on all five
     in_sample = score_records(det, records).scores
     assert np.all(in_sample <= normal.scores + 1e-6) if method in ("patchcore", "spade") else in_sample.shape == (5,)
