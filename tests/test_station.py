@@ -229,3 +229,26 @@ def test_unreadable_result_store_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a usable results store"):
         SQLiteStore(tmp_path)
 
+
+
+def test_version_switch_drops_no_request(client: TestClient, battery: Path) -> None:
+    """Clients keep posting while a correction writes and switches to a new version."""
+    path, flagged = flagged_image(client, battery)
+    good = sorted((battery / "test/good").iterdir())[:4]
+    statuses, versions = [], set()
+
+    def post(p: Path) -> None:
+        r = client.post("/v1/predict", files={"files": (p.name, p.read_bytes(), "image/png")})
+        statuses.append(r.status_code)
+        versions.add(r.json()["results"][0]["model_version"])
+
+    threads = [threading.Thread(target=post, args=(good[i % 4],)) for i in range(12)]
+    for t in threads[:6]:
+        t.start()
+    switch = client.post("/v1/feedback", json={"id": flagged["id"], "label": "normal"})
+    for t in threads[6:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert switch.status_code == 200 and statuses == [200] * 12
+    assert versions <= {flagged["model_version"], switch.json()["model_version"]}
