@@ -140,3 +140,43 @@ def test_predict_streams_skips_broken_files_and_resumes(small_mvtec: Path, tmp_p
     resumed = (part / "scores.csv").read_text().splitlines()
     assert sorted(resumed) == sorted(full) and len(set(resumed)) == len(resumed)
     assert len((part / "scores.jsonl").read_text().splitlines()) == 8
+
+
+def test_killed_predict_resumed_gives_the_uninterrupted_rows(battery: Path, small_mvtec: Path, tmp_path: Path) -> None:
+    """SIGKILL a real `defectscope predict` half-way, resume it: same rows, none twice."""
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "m.dscope"
+    assert run("fit", str(small_mvtec), "-o", str(model))[0] == 0
+    folder = battery / "test"
+    whole = tmp_path / "whole"
+    assert run("predict", str(model), str(folder), "--out", str(whole), "--no-heatmaps")[0] == 0
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "defectscope.cli", "predict", str(model), str(folder), "--out", str(cut), "--no-heatmaps"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        csv_file = cut / "scores.csv"
+        if csv_file.exists() and len(csv_file.read_text().splitlines()) > 20:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    kept = len((cut / "scores.csv").read_text().splitlines()) - 1
+    assert 0 < kept < 112
+    code, out = run("predict", str(model), str(folder), "--out", str(cut), "--resume", "--no-heatmaps")
+    assert code == 0 and "already done" in out, out
+    def rows(folder: Path) -> list[tuple[str, float, str]]:
+        with (folder / "scores.csv").open() as fh:
+            return sorted((r["path"], float(r["score"]), r["defective"]) for r in csv.DictReader(fh))
+
+    a, b = rows(whole), rows(cut)
+    assert len(b) == len({r[0] for r in b}) == 112  # every image once
+    assert [r[0] for r in a] == [r[0] for r in b] and [r[2] for r in a] == [r[2] for r in b]
+    assert all(abs(x[1] - y[1]) <= 1e-5 * abs(x[1]) for x, y in zip(a, b, strict=True))  # batches may differ
