@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import defect_crop, paste_defect
 
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
@@ -14,7 +15,6 @@ from defectscope.detectors import make_detector
 from defectscope.detectors.base import training_options
 from defectscope.errors import ConfigError
 from defectscope.evaluate import evaluate, evaluate_fewshot
-from helpers import defect_crop, paste_defect
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import defect_crop, paste_defect
 
 from defectscope.data.datasets import Sample, iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
-from helpers import defect_crop, paste_defect
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -233,7 +232,7 @@ def test_unreadable_result_store_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_version_switch_drops_no_request(client: TestClient, battery: Path) -> None:
     """Clients keep posting while a correction writes and switches to a new version."""
-    path, flagged = flagged_image(client, battery)
+    _, flagged = flagged_image(client, battery)
     good = sorted((battery / "test/good").iterdir())[:4]
     statuses, versions = [], set()
 

@@ -50,8 +50,10 @@ def _frame(ax: Axes, title: str) -> list[str]:
     left, bottom = MARGIN["left"], HEIGHT - MARGIN["bottom"]
     parts = [
         f'<text x="{WIDTH / 2}" y="15" text-anchor="middle" font-weight="bold">{escape(title)}</text>',
-        f'<rect x="{left}" y="{MARGIN["top"]}" width="{WIDTH - left - MARGIN["right"]}" '
-        f'height="{bottom - MARGIN["top"]}" fill="none" stroke="#888"/>',
+        (
+            f'<rect x="{left}" y="{MARGIN["top"]}" width="{WIDTH - left - MARGIN["right"]}" '
+            f'height="{bottom - MARGIN["top"]}" fill="none" stroke="#888"/>'
+        ),
     ]
     for f in np.linspace(0, 1, 5):
         xv, yv = ax.x0 + f * (ax.x1 - ax.x0), ax.y0 + f * (ax.y1 - ax.y0)

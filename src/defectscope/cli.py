@@ -11,8 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
