@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,faiss,serve]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,faiss,serve,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

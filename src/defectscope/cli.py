@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,6 +141,23 @@ def fit(
 EXIT_SKIPPED = 3  # predict: some images could not be read (listed in OUT/errors.csv); the rest were scored
 
 
+def _engine(engine: str, detector: Any, model_file: Path | None, address: str | None, workers: int | None) -> Any:
+    """The scorer for --engine: None (local, in this process) or a Ray scorer given the model's bytes."""
+    if engine == "local":
+        if address is not None or workers is not None:
+            raise DefectscopeError("--address and --workers are for --engine ray.")
+        return None
+    if engine != "ray":
+        raise DefectscopeError(f"Unknown --engine {engine!r}; use local or ray.")
+    from defectscope.engines.ray_engine import ray_scorer
+
+    if model_file is None:  # a zero-shot detector: ship it as a model file like any other
+        with tempfile.TemporaryDirectory() as tmp:
+            model_file = save_detector(detector, Path(tmp) / "zero-shot.dscope")
+            return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
+    return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
+
+
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="MODEL IMAGES... (model file, then image files or folders); with --method, only IMAGES...")],
@@ -153,6 +171,9 @@ def predict(
     heatmaps: Annotated[bool, typer.Option(help="Write heatmap overlay PNGs.")] = True,
     resume: Annotated[bool, typer.Option(help="Continue a run into the same --out: skip images already in scores.csv.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image (default: list it in errors.csv and go on).")] = False,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; a local one without --address).")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster's address, as `ray start --head` prints it.")] = None,  # noqa: UP045
+    workers: Annotated[Optional[int], typer.Option(help="--engine ray: scoring actors (default: one per 2 CPUs of the cluster).")] = None,  # noqa: UP045
 ) -> None:
     """Score images with a fitted model (or a zero-shot --method); results stream into --out.
 
@@ -175,10 +196,11 @@ def predict(
             images = inputs[1:]
         thr = threshold if threshold is not None else (extra.get("threshold") or {}).get("value")
         paths = pipeline.expand_images(images)
+        scorer = _engine(engine, detector, None if method is not None else inputs[0], address, workers)
         with _progress() as report:
             summary = predict_folder(
                 detector, paths, out, threshold=thr, map_range=extra.get("map_range"), overlays=heatmaps,
-                resume=resume, strict=strict, progress=report,
+                resume=resume, strict=strict, scorer=scorer, progress=report,
             )
         console.print(summary.line(out))
         return EXIT_SKIPPED if summary.skipped else 0

@@ -6,7 +6,9 @@ the images already in ``scores.csv`` (a half-written last line from a killed run
 off first, so no row appears twice). A file that cannot be read goes to
 ``OUT/errors.csv`` (path, reason) and the run goes on, unless ``strict``. At the end
 ``scores.json`` (threshold + every row) is written, and ``scores.parquet`` when pyarrow
-is installed. Scoring itself is `pipeline.score_samples`, the one way to score.
+is installed. Scoring itself is `pipeline.score_samples`, the one way to score; where it
+runs is a `Scorer`: `local_scorer` here, `defectscope.engines.ray_engine.ray_scorer` on a
+Ray cluster. Both feed the same writer, so the files, resume and errors are the same.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,29 @@ from defectscope.pipeline import output_names, score_samples
 from defectscope.report import save_overlay
 
 FIELDS = ("path", "score", "defective")
+
+Scored = tuple[str, float, np.ndarray | None]  # path, image score, anomaly map at the original size (if asked)
+OnError = Callable[[str, DataError], None]
+Scorer = Callable[[list[Path], bool, OnError], Iterator[list[Scored]]]
+"""A scorer scores ``paths`` (``want_maps``: return maps too), calls ``on_error`` for a file it
+cannot read and goes on, and yields results batch by batch in any order."""
+
+
+def local_scorer(detector: Detector, *, batch_size: int = 8) -> Scorer:
+    """Score in this process with `pipeline.score_samples`, reading files lazily."""
+
+    def run(paths: list[Path], want_maps: bool, on_error: OnError) -> Iterator[list[Scored]]:
+        samples = iter_samples([Record(p) for p in paths], detector.preprocess, on_error=lambda r, e: on_error(str(r.path), e))
+        batch: list[Scored] = []
+        for sample, score, amap in score_samples(detector, samples, batch_size=batch_size):
+            batch.append((sample.path, score, amap if want_maps else None))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    return run
 
 
 @dataclass
@@ -118,9 +144,11 @@ def predict_folder(
     resume: bool = False,
     strict: bool = False,
     batch_size: int = 8,
+    scorer: Scorer | None = None,
     progress: Progress | None = None,
 ) -> RunSummary:
-    """Score ``paths`` into ``out`` (see module docstring); never overwrites a result."""
+    """Score ``paths`` into ``out`` (see module docstring); never overwrites a result.
+    ``scorer``: where scoring runs (default: `local_scorer` of ``detector``)."""
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "scores.csv").exists():
         raise DataError(f"{out / 'scores.csv'} already exists: pass --resume to continue that run, or use an empty --out folder.")
@@ -132,45 +160,40 @@ def predict_folder(
         clash = [out / f"{names[p]}_heatmap.png" for p in todo if (out / f"{names[p]}_heatmap.png").exists()]
         if clash and not resume:
             raise DataError(f"{clash[0]} already exists ({len(clash)} heatmaps would be overwritten); use an empty --out folder.")
+    scorer = scorer or local_scorer(detector, batch_size=batch_size)
     writer = _Appender(out, done)
     new_rows: list[dict[str, Any]] = []
     skipped = 0
     deferred: list[tuple[Path, np.ndarray]] = []  # overlays wait for the run's map range when the model has none
 
-    def bad_file(rec: Record, exc: DataError) -> None:
+    def bad_file(path: str, exc: DataError) -> None:
         nonlocal skipped
         if strict:
             raise exc
         skipped += 1
-        writer.error(str(rec.path), str(exc))
+        writer.error(path, str(exc))
 
     try:
-        samples = iter_samples([Record(p) for p in todo], detector.preprocess, on_error=bad_file)
-        batch: list[dict[str, Any]] = []
-        for sample, score, amap in score_samples(detector, samples, batch_size=batch_size):
-            row = {"path": sample.path, "score": score, "defective": None if threshold is None else bool(score >= threshold)}
-            batch.append(row)
-            if overlays:
-                path = Path(sample.path)
+        for batch in scorer(todo, overlays, bad_file):
+            rows = [{"path": p, "score": s, "defective": None if threshold is None else bool(s >= threshold)} for p, s, _ in batch]
+            writer.rows(rows)
+            new_rows += rows
+            for p, _, amap in batch if overlays else ():
+                path = Path(p)
                 if map_range is None:
                     deferred.append((path, amap.astype(np.float16)))
                 else:
                     save_overlay(out / f"{names[path]}_heatmap.png", load_image(path), amap, vmin=map_range[0], vmax=map_range[1])
-            if len(batch) >= batch_size:
-                writer.rows(batch)
-                new_rows += batch
-                batch = []
             if progress:
-                progress("predict", len(new_rows) + len(batch) + skipped, len(todo))
-        writer.rows(batch)
-        new_rows += batch
+                progress("predict", len(new_rows) + skipped, len(todo))
     finally:
         writer.close()
     if deferred:
         lo, hi = min(float(m.min()) for _, m in deferred), max(float(m.max()) for _, m in deferred)
         for path, amap in deferred:
             save_overlay(out / f"{names[path]}_heatmap.png", load_image(path), amap.astype(np.float32), vmin=lo, vmax=hi)
-    rows = done + new_rows
+    order = {str(p): i for i, p in enumerate(paths)}
+    rows = done + sorted(new_rows, key=lambda r: order.get(r["path"], len(order)))
     (out / "scores.json").write_text(json.dumps({"threshold": threshold, "images": rows}, indent=2))
     if importlib.util.find_spec("pyarrow") is not None:
         import pyarrow as pa

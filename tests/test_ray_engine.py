@@ -1,0 +1,119 @@
+"""The Ray engine gives the local engine's rows: a local Ray started for the run, and a
+`ray start --head` cluster on 127.0.0.1 joined by address (both stopped by the test)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope import pipeline
+from defectscope.artifacts import load_detector, read_manifest, save_detector
+from defectscope.data.datasets import load_dataset
+from defectscope.detectors import make_detector
+from defectscope.engines.local import predict_folder
+from defectscope.engines.ray_engine import ray_scorer
+from defectscope.pipeline import expand_images
+from test_cli import run
+
+
+def rows(folder: Path) -> dict[str, tuple[float, str]]:
+    with (folder / "scores.csv").open() as fh:
+        return {r["path"]: (float(r["score"]), r["defective"]) for r in csv.DictReader(fh)}
+
+
+def same_rows(a: dict[str, tuple[float, str]], b: dict[str, tuple[float, str]]) -> None:
+    assert a.keys() == b.keys()
+    for path in a:  # threads per worker differ from the local run: sums may round differently
+        assert b[path][0] == pytest.approx(a[path][0], rel=1e-5), path
+        assert b[path][1] == a[path][1], path
+
+
+@pytest.fixture(scope="module")
+def weld_model(tmp_path_factory: pytest.TempPathFactory, battery: Path) -> Path:
+    train = load_dataset(battery).train[:40]
+    fitted = pipeline.fit(make_detector("patchcore"), train)
+    return save_detector(fitted.detector, tmp_path_factory.mktemp("ray") / "weld.dscope", extra=fitted.extra())
+
+
+def test_local_ray_with_two_workers_gives_the_local_scores(weld_model: Path, magnetic: Path, tmp_path: Path) -> None:
+    """200 real images (with two broken files among them), heatmaps on: same rows, same errors, same maps."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((magnetic / "test").rglob("*.jpg"))[::3][:200]:
+        shutil.copy(p, images / f"{p.parent.name}_{p.name}")
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "truncated.jpg").write_bytes((images / sorted(p.name for p in images.iterdir())[0]).read_bytes()[:300])
+    paths = expand_images([images])
+    detector, extra = load_detector(weld_model), read_manifest(weld_model)["extra"]
+    kwargs = {"threshold": extra["threshold"]["value"], "map_range": extra["map_range"]}
+    local = predict_folder(detector, paths, tmp_path / "local", **kwargs)
+    ray = predict_folder(detector, paths, tmp_path / "ray", scorer=ray_scorer(weld_model.read_bytes(), workers=2), **kwargs)
+    assert local.scored == ray.scored == 200 and local.skipped == ray.skipped == 2
+    same_rows(rows(tmp_path / "local"), rows(tmp_path / "ray"))
+    errors = [(tmp_path / f / "errors.csv").read_text().splitlines() for f in ("local", "ray")]
+    assert sorted(errors[0]) == sorted(errors[1]) and len(errors[0]) == 3
+    heatmaps = sorted(p.name for p in (tmp_path / "local").glob("*_heatmap.png"))
+    assert len(heatmaps) == 200 and heatmaps == sorted(p.name for p in (tmp_path / "ray").glob("*_heatmap.png"))
+    for name in heatmaps[::20]:
+        a, b = (np.asarray(Image.open(tmp_path / f / name), dtype=int) for f in ("local", "ray"))
+        assert np.abs(a - b).max() <= 1, name
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "ray" / "scores.parquet").column_names == ["path", "score", "defective"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_predict_against_a_ray_start_head_cluster(weld_model: Path, battery: Path, tmp_path: Path) -> None:
+    ray_cli = Path(sys.executable).parent / "ray"
+    port = free_port()
+    temp = Path("/tmp") / f"ray-test-{port}"  # Ray's socket paths must stay short
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            status = subprocess.run([str(ray_cli), "status", f"--address={address}"], capture_output=True, timeout=60)
+            if status.returncode == 0:
+                break
+            assert head.poll() is None, "ray start --head exited"
+            time.sleep(1)
+        else:
+            pytest.fail("the Ray head did not come up within 90 s")
+        images = battery / "test" / "defective"
+        code, out = run("predict", str(weld_model), str(images), "--out", str(tmp_path / "cluster"), "--no-heatmaps",
+                        "--engine", "ray", "--address", address, "--workers", "2")
+        assert code == 0, out
+        assert run("predict", str(weld_model), str(images), "--out", str(tmp_path / "local"), "--no-heatmaps")[0] == 0
+        same_rows(rows(tmp_path / "local"), rows(tmp_path / "cluster"))
+        assert len(rows(tmp_path / "cluster")) == len(list(images.iterdir()))
+    finally:
+        head.terminate()  # `ray start --block` stops the head's processes when it is terminated
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_cluster_that_is_not_there_is_a_clear_error(weld_model: Path, battery: Path, tmp_path: Path) -> None:
+    code, out = run("predict", str(weld_model), str(battery / "test" / "good"), "--out", str(tmp_path / "o"),
+                    "--engine", "ray", "--address", f"127.0.0.1:{free_port()}")
+    assert code == 2 and "ray start --head" in out, out
