@@ -56,6 +56,6 @@ class CNNBackbone(nn.Module):
 
 
 @lru_cache(maxsize=4)
-def get_backbone(name: str, stages: tuple[int, ...], weights: str) -> CNNBackbone:
+def get_cnn(name: str, stages: tuple[int, ...], weights: str) -> CNNBackbone:
     """A shared, cached backbone instance (building one reads weights from disk)."""
     return CNNBackbone(name, stages, weights)

@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from defectscope.backbones.cnn import CNNBackbone, get_backbone
+from defectscope.backbones import default_stages, get_backbone
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.data.images import Preprocess
 from defectscope.errors import ConfigError
@@ -241,18 +242,19 @@ class CNNDetector(Detector):
         self,
         *,
         backbone: str = "tf_efficientnet_lite0",
-        stages: Sequence[int] = (2, 3),
+        stages: Sequence[int] | None = None,
         weights: str = "auto",
         preprocess: dict[str, Any] | None = None,
         sigma: float = 4.0,
     ) -> None:
-        self.backbone_name, self.stages, self.weights = backbone, tuple(stages), weights
+        self.backbone_name, self.weights = backbone, weights
+        self.stages = default_stages(backbone) if stages is None else tuple(stages)
         self.preprocess = Preprocess(**(preprocess or {}))
         self.sigma = sigma
-        self._backbone: CNNBackbone | None = None
+        self._backbone: nn.Module | None = None
 
     @property
-    def backbone(self) -> CNNBackbone:
+    def backbone(self) -> nn.Module:
         if self._backbone is None:
             self._backbone = get_backbone(self.backbone_name, self.stages, self.weights)
         return self._backbone

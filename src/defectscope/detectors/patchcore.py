@@ -9,6 +9,12 @@ bank entry and N_b(m*) the b nearest bank entries of m*:
     s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * ||m_test* - m*||
 
 ``image_score="max"`` is the reference code's plain maximum of the patch scores.
+
+``index``: "flat" (exact search, the default) or an approximate faiss index ("hnsw",
+"ivfpq"; `defectscope.ann`) built at fit time over the coreset and saved in the model
+file, with ``index_params`` (e.g. ``{"ef_search": 64}``). The leave-one-image-out normal
+scores behind the threshold are always exact (see benchmarks/ann_search.py for how close
+approximate search comes).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, ClassVar, Self
 
 import torch
 
+from defectscope.ann import AnnIndex, check_params
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.detectors.base import (
     CNNDetector,
@@ -55,6 +62,8 @@ class PatchCore(CNNDetector):
         num_neighbors: int = 9,
         image_score: str = "paper",
         knn_backend: str = "torch",
+        index: str = "flat",
+        index_params: dict[str, Any] | None = None,
         seed: int = 0,
         batch_size: int = 8,
         **cnn: Any,
@@ -66,9 +75,10 @@ class PatchCore(CNNDetector):
         self.proj_dim, self.patch_size, self.dim = proj_dim, patch_size, dim
         self.num_neighbors, self.image_score = num_neighbors, image_score
         self.knn_backend, self.seed, self.batch_size = knn_backend, seed, batch_size
+        self.index_kind, self.index_params = index, check_params(index, index_params)
         self.bank = torch.empty(0)
         self.radius: float | None = None  # covering radius of the coreset over the training patches
-        self._index: Index | None = None
+        self._index: Index | AnnIndex | None = None
         self.timings: dict[str, float] = {}
 
     def config(self) -> dict[str, Any]:
@@ -81,6 +91,8 @@ class PatchCore(CNNDetector):
             "num_neighbors": self.num_neighbors,
             "image_score": self.image_score,
             "knn_backend": self.knn_backend,
+            "index": self.index_kind,
+            "index_params": self.index_params,
             "seed": self.seed,
             "batch_size": self.batch_size,
         }
@@ -89,15 +101,26 @@ class PatchCore(CNNDetector):
         out = {"bank": self.bank}
         if self.radius is not None:
             out["radius"] = torch.tensor([self.radius])
+        if isinstance(self.index, AnnIndex):
+            out["ann_index"] = self.index.to_tensor()
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.bank, self._index = state["bank"].float(), None
         self.radius = float(state["radius"][0]) if "radius" in state else None
+        if self.index_kind != "flat":
+            if "ann_index" not in state:
+                raise ConfigError(f"This PatchCore model asks for index={self.index_kind} but holds none; refit it.")
+            self._index = AnnIndex.from_tensor(state["ann_index"], self.bank, self.index_kind, self.index_params)
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        """Install ``bank``; an approximate index is built over it now (fit time), an exact one on first use."""
+        self.bank = bank.contiguous()
+        self._index = None if self.index_kind == "flat" else AnnIndex.build(self.bank, self.index_kind, self.index_params, seed=self.seed)
 
     @property
-    def index(self) -> Index:
-        """Nearest-neighbour index over the bank, built on first use."""
+    def index(self) -> Index | AnnIndex:
+        """Nearest-neighbour index over the bank (exact: built on first use)."""
         if self._index is None:
             self._index = Index(self.bank, self.knn_backend)
         return self._index
@@ -134,7 +157,9 @@ class PatchCore(CNNDetector):
         n = max(1, math.ceil(self.coreset_ratio * bank.shape[0]))
         report = (lambda i, total: progress("coreset", i, total)) if progress else None
         keep = greedy_coreset(bank, n, proj_dim=self.proj_dim, seed=self.seed, progress=report)
-        self.bank, self._index = bank[keep].contiguous(), None
+        t0 = time.perf_counter()
+        self._set_bank(bank[keep])
+        self.timings["index_s"] = time.perf_counter() - t0
         full = keep.numel() == bank.shape[0]
         self.radius = 0.0 if full else covering_radius(bank, keep, max_rows=RADIUS_SAMPLE, seed=self.seed)
         return keep
@@ -146,13 +171,14 @@ class PatchCore(CNNDetector):
         t0 = time.perf_counter()
         bank, owner, grids = self._collect(images, progress)
         t1 = time.perf_counter()
+        self.timings = {}
         keep = self._select(bank, progress)
-        self.timings = {
+        self.timings.update({
             "features_s": t1 - t0,
-            "coreset_s": time.perf_counter() - t1,
+            "coreset_s": time.perf_counter() - t1 - self.timings["index_s"],
             "patches": float(bank.shape[0]),
             "images": float(len(grids)),
-        }
+        })
         return bank, owner, grids, keep
 
     def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
@@ -201,25 +227,29 @@ class PatchCore(CNNDetector):
             dist, _ = self.index.search(feats, 1)
             added.append(feats[dist[:, 0] > self.radius])
         new = torch.cat(added) if added else torch.empty(0, self.bank.shape[1])
-        self.bank, self._index = torch.cat([self.bank, new]).contiguous(), None
+        self._set_bank(torch.cat([self.bank, new]))
         return {"added_patches": int(new.shape[0]), "bank_before": before, "bank_after": int(self.bank.shape[0]), "radius": self.radius}
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         t0 = time.perf_counter()
         fmap = self.embed(batch)
         t1 = time.perf_counter()
+        pred = self.score_features(fmap, tuple(batch.shape[-2:]))
+        self.timings["backbone_s"] = self.timings.get("backbone_s", 0.0) + t1 - t0
+        self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.perf_counter() - t1
+        return pred
+
+    def score_features(self, fmap: torch.Tensor, size: tuple[int, int]) -> Prediction:
+        """Scores and maps (at input ``size``) from patch features N x D x h x w: the search part of `predict`."""
         n, _, h, w = fmap.shape
         query = flatten_patches(fmap)
         dist, nn_idx = self.index.search(query, 1)
-        patch = dist[:, 0].view(n, h, w)
-        maps = patch_scores_to_maps(patch, tuple(batch.shape[-2:]), self.sigma)
+        maps = patch_scores_to_maps(dist[:, 0].view(n, h, w), size, self.sigma)
         scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1), self.bank, self.index)
-        self.timings["backbone_s"] = self.timings.get("backbone_s", 0.0) + t1 - t0
-        self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.perf_counter() - t1
         return Prediction(scores, maps)
 
     def _image_scores(
-        self, query: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor, index: Index
+        self, query: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor, index: Index | AnnIndex
     ) -> torch.Tensor:
         """Eq. 7 re-weighting of the largest patch distance (or the plain max), against ``bank``."""
         s_star, j = dist.max(dim=1)
