@@ -39,7 +39,7 @@ def test_approximate_search_finds_the_nearest_row_and_measures_it_exactly(kind: 
     d, i = ann.search(q, 3)
     assert (i[:, 0] == exact_i[:, 0]).float().mean() > 0.9
     assert torch.allclose(d, (q[:, None, :] - bank[i]).norm(dim=2), rtol=1e-4, atol=1e-4)  # exact for the rows found
-    assert (d[:, 0] >= exact_d[:, 0] - 1e-4).all()  # never nearer than the truth
+    assert (d[:, 0] >= exact_d[:, 0] * (1 - 1e-4) - 1e-4).all()  # never nearer than the truth (up to rounding)
     assert (d[:, :-1] <= d[:, 1:]).all()
     again = AnnIndex.from_tensor(ann.to_tensor(), bank, kind, ann.params)
     assert torch.equal(again.search(q, 3)[1], i)

@@ -14,7 +14,7 @@ from defectscope.backbones.cnn import CNNBackbone, get_cnn
 from defectscope.backbones.vit import NAME as VIT_NAME
 from defectscope.backbones.vit import ViTBackbone, get_vit
 
-DEFAULT_STAGES = {VIT_NAME: (8,)}
+DEFAULT_STAGES = {VIT_NAME: (6,)}  # benchmarks/vit_blocks.py: best synthetic-defect AUROC + correspondence on train images
 CNN_STAGES = (2, 3)
 
 
