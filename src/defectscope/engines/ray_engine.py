@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -31,7 +32,7 @@ import numpy as np
 from defectscope.engines.local import OnError, Scored, Scorer
 from defectscope.errors import ConfigError, DataError, DefectscopeError
 
-log = logging.getLogger("defectscope")
+BLOCK_PATHS = 32  # images per Ray Data block: the first results arrive after one block per worker
 
 
 def has_ray() -> bool:
@@ -151,7 +152,9 @@ def ray_scorer(model_bytes: bytes, *, address: str | None = None, workers: int |
             if not paths:
                 return
             given = {str(p.resolve()): str(p) for p in paths}  # workers may run elsewhere: send absolute paths
-            ds = ray.data.from_items([{"path": p} for p in given], override_num_blocks=max(1, min(len(paths) // batch_size, 4 * n)))
+            ds = ray.data.from_items(  # small blocks: Ray Data returns a block's rows only when all are scored
+                [{"path": p} for p in given], override_num_blocks=max(1, math.ceil(len(given) / BLOCK_PATHS))
+            )
             scored = ds.map_batches(
                 _ModelActor,
                 fn_constructor_kwargs={"model_ref": ray.put(model_bytes), "threads": threads, "batch_size": batch_size, "want_maps": want_maps},
