@@ -117,3 +117,8 @@ def test_a_cluster_that_is_not_there_is_a_clear_error(weld_model: Path, battery:
     code, out = run("predict", str(weld_model), str(battery / "test" / "good"), "--out", str(tmp_path / "o"),
                     "--engine", "ray", "--address", f"127.0.0.1:{free_port()}")
     assert code == 2 and "ray start --head" in out, out
+
+
+def test_a_method_that_scores_images_against_each_other_is_refused_on_ray(battery: Path, tmp_path: Path) -> None:
+    code, out = run("predict", "--method", "musc", str(battery / "test" / "good"), "--out", str(tmp_path / "o"), "--engine", "ray")
+    assert code == 2 and "Use --engine local" in out, out

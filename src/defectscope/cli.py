@@ -149,13 +149,19 @@ def _engine(engine: str, detector: Any, model_file: Path | None, address: str | 
         return None
     if engine != "ray":
         raise DefectscopeError(f"Unknown --engine {engine!r}; use local or ray.")
+    from defectscope.detectors.base import Detector
     from defectscope.engines.ray_engine import ray_scorer
 
-    if model_file is None:  # a zero-shot detector: ship it as a model file like any other
-        with tempfile.TemporaryDirectory() as tmp:
-            model_file = save_detector(detector, Path(tmp) / "zero-shot.dscope")
-            return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
-    return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
+    if type(detector).predict_samples is not Detector.predict_samples:
+        raise DefectscopeError(
+            f"{detector.name} scores the images against each other; Ray would split them into separate "
+            "batches and change every score. Use --engine local."
+        )
+    if model_file is not None:
+        return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
+    with tempfile.TemporaryDirectory() as tmp:  # a zero-shot detector: ship it as a model file like any other
+        data = save_detector(detector, Path(tmp) / "zero-shot.dscope").read_bytes()
+    return ray_scorer(data, address=address, workers=workers)
 
 
 @app.command()
