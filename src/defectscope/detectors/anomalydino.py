@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,6 @@ class AnomalyDINO(CNNDetector):
     """AnomalyDINO on the wheel's DINOv2 ViT-S/14 (see module docstring)."""
 
     name = "anomalydino"
-    fewshot_config: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
