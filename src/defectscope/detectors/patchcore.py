@@ -101,8 +101,8 @@ class PatchCore(CNNDetector):
         out = {"bank": self.bank}
         if self.radius is not None:
             out["radius"] = torch.tensor([self.radius])
-        if isinstance(self.index, AnnIndex):
-            out["ann_index"] = self.index.to_tensor()
+        if isinstance(self._index, AnnIndex):  # built whenever index != flat; never build an exact one to save
+            out["ann_index"] = self._index.to_tensor()
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -5,7 +5,7 @@ to Ray Data as a dataset of paths; an actor pool scores them, each actor loading
 once from the model file's bytes (shipped through Ray's object store, so worker machines
 need no copy of it, only the images at the same paths, e.g. on a shared mount). Actors
 read their own files, so reading is as parallel as scoring. Every actor scores with
-`pipeline.score_samples` on the detector that `artifacts.load_detector` returns (hash
+`engines.local.local_scorer` (so `pipeline.score_samples`) on the detector that `artifacts.load_detector` returns (hash
 checked), exactly as the local engine does; a file an actor cannot read comes back as an
 error row and the run goes on. Results stream back to the driver, which writes them with
 the local engine's writer (`engines.local.predict_folder`). Ray schedules everything;
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.engines.local import OnError, Scored, Scorer
+from defectscope.engines.local import OnError, Scored, Scorer, local_scorer
 from defectscope.errors import ConfigError, DataError, DefectscopeError
 
 BLOCK_PATHS = 32  # images per Ray Data block: the first results arrive after one block per worker
@@ -60,18 +60,14 @@ class _ModelActor:
         self.batch_size, self.want_maps = batch_size, want_maps
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from defectscope.data.datasets import Record, iter_samples
-        from defectscope.pipeline import score_samples
-
         errors: dict[str, str] = {}
-        records = [Record(Path(p)) for p in batch["path"].tolist()]
-        samples = iter_samples(records, self.detector.preprocess, on_error=lambda r, e: errors.__setitem__(str(r.path), str(e)))
-        scored = {s.path: (score, amap) for s, score, amap in score_samples(self.detector, samples, batch_size=self.batch_size)}
+        paths = [Path(p) for p in batch["path"].tolist()]
+        groups = local_scorer(self.detector, batch_size=self.batch_size)(paths, self.want_maps, lambda p, e: errors.__setitem__(p, str(e)))
+        scored = {p: (score, amap) for group in groups for p, score, amap in group}
         out: dict[str, list[Any]] = {"path": [], "score": [], "error": [], "map": [], "height": [], "width": []}
-        for rec in records:
-            key = str(rec.path)
+        for key in map(str, paths):
             score, amap = scored.get(key, (float("nan"), None))
-            keep = self.want_maps and amap is not None
+            keep = amap is not None
             out["path"].append(key)
             out["score"].append(score)
             out["error"].append(errors.get(key, ""))
