@@ -23,7 +23,9 @@ from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
 from defectscope.evaluate import evaluate as run_evaluate
 from defectscope.evaluate import evaluate_fewshot
+from defectscope.export import export_model
 from defectscope.report import html_report
+from defectscope.runtimes import ExportedModel, is_exported
 from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
@@ -157,6 +159,8 @@ def _engine(engine: str, detector: Any, model_file: Path | None, address: str | 
             f"{detector.name} scores the images against each other; Ray would split them into separate "
             "batches and change every score. Use --engine local."
         )
+    if isinstance(detector, ExportedModel):
+        raise DefectscopeError(f"--engine ray runs model files; {detector.path} is an exported graph. Pass the .dscope file it came from.")
     if model_file is not None:
         return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
     with tempfile.TemporaryDirectory() as tmp:  # a zero-shot detector: ship it as a model file like any other
@@ -164,9 +168,19 @@ def _engine(engine: str, detector: Any, model_file: Path | None, address: str | 
     return ray_scorer(data, address=address, workers=workers)
 
 
+def _load_model(path: Path, runtime: str | None) -> tuple[Any, dict[str, Any]]:
+    """A model file's detector, or an exported graph's runner, and its threshold and map range."""
+    if is_exported(path):
+        exported = ExportedModel(path, runtime)
+        return exported, exported.extra
+    if runtime is not None:
+        raise DefectscopeError(f"--runtime is for exported graphs (.onnx, .xml); {path} is a model file, scored by torch.")
+    return load_detector(path), read_manifest(path).get("extra", {})
+
+
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="MODEL IMAGES... (model file, then image files or folders); with --method, only IMAGES...")],
+    inputs: Annotated[list[Path], typer.Argument(help="MODEL IMAGES... (model file or exported .onnx/.xml, then image files or folders); with --method, only IMAGES...")],
     out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.jsonl, scores.json, errors.csv and heatmaps.")] = Path("predictions"),
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="Zero-shot method that needs no model file (e.g. musc).")] = None,  # noqa: UP045
     size: Size = 256,
@@ -180,6 +194,7 @@ def predict(
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; a local one without --address).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster's address, as `ray start --head` prints it.")] = None,  # noqa: UP045
     workers: Annotated[Optional[int], typer.Option(help="--engine ray: scoring actors (default: one per 2 CPUs of the cluster).")] = None,  # noqa: UP045
+    runtime: Annotated[Optional[str], typer.Option(help="Exported .onnx files: onnxruntime (default) or openvino.")] = None,  # noqa: UP045
 ) -> None:
     """Score images with a fitted model (or a zero-shot --method); results stream into --out.
 
@@ -197,8 +212,7 @@ def predict(
         else:
             if len(inputs) < 2:
                 raise DefectscopeError("Give a model file and at least one image or folder (or a zero-shot --method).")
-            detector = load_detector(inputs[0])
-            extra = read_manifest(inputs[0]).get("extra", {})
+            detector, extra = _load_model(inputs[0], runtime)
             images = inputs[1:]
         thr = threshold if threshold is not None else (extra.get("threshold") or {}).get("value")
         paths = pipeline.expand_images(images)
@@ -214,6 +228,35 @@ def predict(
     code = _run(job)
     if code:
         raise typer.Exit(code)
+
+
+def _hw(text: str | None) -> tuple[int, int] | None:
+    """'128x256' -> (128, 256)."""
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.isdigit() and w.isdigit()):
+        raise DefectscopeError(f"--input-size expects HxW in pixels (e.g. 128x256), got {text!r}.")
+    return int(h), int(w)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Model file (.dscope) to export.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Exported file: .onnx (onnx) or .xml (+ .bin beside it, openvino).")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or openvino.")] = "onnx",
+    example: Annotated[Optional[Path], typer.Option(help="Aspect-mode models: an image from the camera; the graph takes inputs of its shape.")] = None,  # noqa: UP045
+    input_size: Annotated[Optional[str], typer.Option(help="Aspect-mode models: the network input HxW instead of --example (e.g. 128x256).")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option(help="Replace existing exported files.")] = False,
+) -> None:
+    """Export a fitted model to one ONNX or OpenVINO graph (image in, score and map out) for
+    edge runtimes; `defectscope predict OUT IMAGES...` runs it with the same outputs."""
+
+    def job() -> None:
+        written = export_model(model, output, fmt, example=example, input_size=_hw(input_size), overwrite=overwrite)
+        console.print("wrote " + ", ".join(f"[bold]{p}[/] ({p.stat().st_size / 2**20:.1f} MB)" for p in written))
+
+    _run(job)
 
 
 @app.command()

@@ -29,34 +29,44 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | Non
     return d.clamp_(min=0.0)
 
 
+def _nearest_in_tiles(
+    q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, bank_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances and indices of the k nearest bank rows of every row of ``q``, the
+    bank taken ``bank_chunk`` rows at a time (a tile is |b|^2 - 2ab, one fused product)."""
+    best_d = torch.full((q.shape[0], k), float("inf"))
+    best_i = torch.zeros((q.shape[0], k), dtype=torch.long)
+    for bs in range(0, bank.shape[0], bank_chunk):
+        d = torch.addmm(bank_sq[None, bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, beta=1.0, alpha=-2.0)
+        if k == 1:
+            cd, ci = d.min(dim=1, keepdim=True)
+            better = cd < best_d
+            best_d, best_i = torch.where(better, cd, best_d), torch.where(better, ci + bs, best_i)
+            continue
+        cd, ci = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        best_d, pos = torch.cat([best_d, cd], 1).topk(k, dim=1, largest=False)
+        best_i = torch.cat([best_i, ci + bs], 1).gather(1, pos)
+    return (best_d + (q * q).sum(1, keepdim=True)).clamp(min=0.0), best_i
+
+
 def _knn_torch(
     query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, max_elems: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled exact search: distance tiles small enough to stay in cache, merged top-k.
 
-    A tile holds |b|^2 - 2ab only (one fused matrix product); |a|^2, constant along a row,
-    is added to the k survivors afterwards, which saves two passes over every tile and
-    gives the same floats (adding a constant keeps the order)."""
+    |a|^2, constant along a row, is added to the k survivors only, which saves two passes
+    over every tile and gives the same floats (adding a constant keeps the order). Inside
+    an exported graph (`defectscope.export`) the batch size is symbolic, so the whole query
+    is one block and only the bank is tiled (the same products, unrolled in the graph)."""
     bank_chunk = max(k, min(bank.shape[0], 1024, max_elems))
+    if torch.compiler.is_exporting():
+        d, i = _nearest_in_tiles(query, bank, bank_sq, k, bank_chunk)
+        return d.sqrt(), i
     q_chunk = max(1, min(512, max_elems // bank_chunk))
     out_d = torch.empty(query.shape[0], k)
     out_i = torch.empty(query.shape[0], k, dtype=torch.long)
     for qs in range(0, query.shape[0], q_chunk):
-        q = query[qs : qs + q_chunk]
-        best_d = torch.full((q.shape[0], k), float("inf"))
-        best_i = torch.zeros((q.shape[0], k), dtype=torch.long)
-        for bs in range(0, bank.shape[0], bank_chunk):
-            d = torch.addmm(bank_sq[None, bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, beta=1.0, alpha=-2.0)
-            if k == 1:
-                cd, ci = d.min(dim=1, keepdim=True)
-                better = cd < best_d
-                best_d, best_i = torch.where(better, cd, best_d), torch.where(better, ci + bs, best_i)
-                continue
-            cd, ci = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-            best_d, pos = torch.cat([best_d, cd], 1).topk(k, dim=1, largest=False)
-            best_i = torch.cat([best_i, ci + bs], 1).gather(1, pos)
-        best_d += (q * q).sum(1, keepdim=True)
-        out_d[qs : qs + q_chunk], out_i[qs : qs + q_chunk] = best_d.clamp_(min=0.0), best_i
+        out_d[qs : qs + q_chunk], out_i[qs : qs + q_chunk] = _nearest_in_tiles(query[qs : qs + q_chunk], bank, bank_sq, k, bank_chunk)
     return out_d.sqrt_(), out_i
 
 

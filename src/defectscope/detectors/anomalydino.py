@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ class AnomalyDINO(CNNDetector):
     """AnomalyDINO on the wheel's DINOv2 ViT-S/14 (see module docstring)."""
 
     name = "anomalydino"
+    export_refusal: ClassVar[str] = "its rotation-augmented cosine search is not written as a graph yet"
 
     def __init__(
         self,

@@ -149,6 +149,29 @@ class Detector(ABC):
         """Facts about the fitted model worth recording (weights hash, sizes, timings)."""
         return {}
 
+    # Why `export_graph` refuses, for methods that do not override it.
+    export_refusal: ClassVar[str] = "its scoring has not been written as a single tensor graph"
+
+    def export_graph(self) -> nn.Module:
+        """This fitted model as a module: images N x 3 x H x W in [0, 1] -> (scores N, maps
+        N x H x W), made of the method's own scoring code, for `defectscope.export`."""
+        raise ConfigError(f"{self.name} models cannot be exported: {self.export_refusal}.")
+
+
+class ScoreGraph(nn.Module):
+    """A fitted detector's scoring function as a module returning (scores, maps), for export.
+
+    ``backbone`` is registered so its weights become the graph's parameters."""
+
+    def __init__(self, score: Callable[[torch.Tensor], Prediction], backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._score = score
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self._score(x)
+        return pred.scores, pred.maps
+
 
 REGISTRY: dict[str, type[Detector]] = {}
 

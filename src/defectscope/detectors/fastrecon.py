@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.data.datasets import Sample
-from defectscope.detectors.base import CNNDetector, Prediction, Progress, patch_scores_to_maps, register
+from defectscope.detectors.base import CNNDetector, Prediction, Progress, ScoreGraph, patch_scores_to_maps, register
 from defectscope.errors import ConfigError
 from defectscope.features import flatten_patches, patch_features
 from defectscope.memory import greedy_coreset
@@ -161,3 +161,6 @@ class FastRecon(CNNDetector):
         residual = (feats - self.reconstruct(feats)).norm(dim=1)
         maps = patch_scores_to_maps(residual, tuple(batch.shape[-2:]), self.sigma)
         return Prediction(maps.flatten(1).max(1).values, maps)
+
+    def export_graph(self) -> ScoreGraph:
+        return ScoreGraph(self.predict, self.backbone)

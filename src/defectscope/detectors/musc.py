@@ -36,6 +36,7 @@ class MuSc(CNNDetector):
     """Transductive: `predict_samples` scores a whole batch of unlabeled images at once."""
 
     name = "musc"
+    export_refusal: ClassVar[str] = "it scores the test images against each other (transductive), so no single image has a score a graph could compute"
     needs_training_images: ClassVar[bool] = False
 
     def __init__(

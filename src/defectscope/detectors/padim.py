@@ -20,7 +20,7 @@ from typing import Any, Self
 import torch
 
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
-from defectscope.detectors.base import CNNDetector, NormalScores, Prediction, Progress, patch_scores_to_maps, register
+from defectscope.detectors.base import CNNDetector, NormalScores, Prediction, Progress, ScoreGraph, patch_scores_to_maps, register
 from defectscope.errors import ConfigError, DataError
 from defectscope.features import fuse_stages
 
@@ -179,3 +179,6 @@ class PaDiM(CNNDetector):
         dist = torch.einsum("nhwi,hwij,nhwj->nhw", diff, inv, diff).clamp_(min=0).sqrt_()
         maps = patch_scores_to_maps(dist, tuple(batch.shape[-2:]), self.sigma)
         return Prediction(maps.flatten(1).max(1).values, maps)
+
+    def export_graph(self) -> ScoreGraph:
+        return ScoreGraph(self.predict, self.backbone)

@@ -33,6 +33,7 @@ from defectscope.detectors.base import (
     NormalScores,
     Prediction,
     Progress,
+    ScoreGraph,
     check_ratio,
     patch_scores_to_maps,
     register,
@@ -239,14 +240,28 @@ class PatchCore(CNNDetector):
         self.timings["scoring_s"] = self.timings.get("scoring_s", 0.0) + time.perf_counter() - t1
         return pred
 
-    def score_features(self, fmap: torch.Tensor, size: tuple[int, int]) -> Prediction:
-        """Scores and maps (at input ``size``) from patch features N x D x h x w: the search part of `predict`."""
+    def score_features(self, fmap: torch.Tensor, size: tuple[int, int], index: Index | AnnIndex | None = None) -> Prediction:
+        """Scores and maps (at input ``size``) from patch features N x D x h x w: the search
+        part of `predict`, in the model's own index unless another is given."""
+        index = self.index if index is None else index
         n, _, h, w = fmap.shape
         query = flatten_patches(fmap)
-        dist, nn_idx = self.index.search(query, 1)
+        dist, nn_idx = index.search(query, 1)
         maps = patch_scores_to_maps(dist[:, 0].view(n, h, w), size, self.sigma)
-        scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1), self.bank, self.index)
+        scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1), self.bank, index)
         return Prediction(scores, maps)
+
+    def export_graph(self) -> ScoreGraph:
+        """Exact search as matrix products over the bank in 1024-row tiles (`memory.Index`
+        with the torch backend, whatever ``knn_backend`` says: faiss is not a graph op).
+        An approximate index is refused: exporting it as exact search would change scores."""
+        if self.index_kind != "flat":
+            raise ConfigError(
+                f"This PatchCore model searches an approximate {self.index_kind} index, which an ONNX/OpenVINO graph "
+                "cannot hold; exporting exact search instead would change its scores. Refit with --set index=flat to export."
+            )
+        exact = Index(self.bank, "torch")
+        return ScoreGraph(lambda x: self.score_features(self.embed(x), tuple(x.shape[-2:]), exact), self.backbone)
 
     def _image_scores(
         self, query: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor, index: Index | AnnIndex

@@ -11,7 +11,7 @@ smoothed (sigma 4). Nearest neighbours come from the shared `memory.knn`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class SPADE(CNNDetector):
     """SPADE; ``stages``' last entry gives the global feature, ``pixel_stages`` the galleries."""
 
     name = "spade"
+    export_refusal: ClassVar[str] = "its image-level k-NN picks a per-image gallery subset, which is not written as a graph yet"
 
     def __init__(
         self,

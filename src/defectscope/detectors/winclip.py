@@ -40,6 +40,7 @@ class WinCLIP(Detector):
     """WinCLIP (zero-shot, ``fit(None)``) and WinCLIP+ (``fit`` with a few normal images)."""
 
     name = "winclip"
+    export_refusal: ClassVar[str] = "its CLIP text and image towers are not part of the graph export yet"
     needs_training_images: ClassVar[bool] = False
 
     def __init__(
