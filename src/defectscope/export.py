@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from defectscope import __version__
@@ -91,16 +92,41 @@ def trace_onnx(graph: torch.nn.Module, input_size: tuple[int, int]) -> Any:
 
     Height and width are fixed: with them symbolic, torch.export spends over ten minutes
     reasoning about EfficientNet's nested same-padding shapes (measured), and a fixed
-    shape is what edge runtimes optimise best."""
+    shape is what edge runtimes optimise best. The graph first runs once in torch on the
+    example input: that fills the cached upsampling and smoothing matrices with real
+    tensors, which the trace then holds as constants (a matrix first built while tracing
+    would be traced as float64 operations instead), and gives the reference that the
+    exported graph must reproduce on the same input (`check_parity`)."""
     from torch.export import Dim
 
     x = torch.rand(2, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    graph = graph.eval()
+    with torch.no_grad():
+        reference = graph(x)
     with contextlib.redirect_stdout(None), torch.no_grad():  # torch.onnx prints its progress
         program = torch.onnx.export(
-            graph.eval(), (x,), dynamo=True, dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}},
+            graph, (x,), dynamo=True, dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}},
             input_names=["image"], output_names=["score", "map"], verbose=False,
         )
+    check_parity(program.model_proto, x, reference)
     return program.model_proto
+
+
+def check_parity(model: Any, x: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Refuse an export whose graph, run by onnxruntime on ``x``, does not give torch's
+    scores (1e-4 relative) and maps (1e-3 of their range)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    score, amap = session.run(["score", "map"], {"image": x.numpy()})
+    ref_score, ref_map = (t.numpy() for t in reference)
+    score_err = float(np.max(np.abs(score - ref_score) / np.maximum(np.abs(ref_score), 1e-12)))
+    map_err = float(np.max(np.abs(amap - ref_map)) / max(float(ref_map.max() - ref_map.min()), 1e-12))
+    if score_err > 1e-4 or map_err > 1e-3:
+        raise ConfigError(
+            f"The exported graph does not reproduce torch (score error {score_err:.2g} relative, map error "
+            f"{map_err:.2g} of its range); nothing was written. Please report this with the model's method and options."
+        )
 
 
 def input_size_for(preprocess: Preprocess, example: str | Path | None, input_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -154,8 +180,8 @@ def export_model(
     if existing and not overwrite:
         raise ModelFileError(f"{existing[0]} already exists; choose another -o or pass --overwrite.")
     detector = load_detector(model_path)
-    size = input_size_for(detector.preprocess, example, input_size)
     graph = detector.export_graph()
+    size = input_size_for(detector.preprocess, example, input_size)
     meta = {**_metadata(model_path, read_manifest(model_path)), "input_size": list(size)}
     onnx_model = trace_onnx(graph, size)
     with _staging(out) as tmp:
