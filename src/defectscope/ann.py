@@ -114,6 +114,10 @@ class AnnIndex:
         """Bytes of the serialised index (for HNSW this includes the full rows)."""
         return int(self.to_tensor().numel())
 
+    def nearest_distances(self, query: torch.Tensor) -> torch.Tensor:
+        """Distance of each query row to the nearest bank row found (Q)."""
+        return self.search(query, 1)[0][:, 0]
+
     def search(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances, indices), both Q x k, nearest first; distances exact for the rows found."""
         k = min(k, self.size)

@@ -49,6 +49,17 @@ def _nearest_in_tiles(
     return (best_d + (q * q).sum(1, keepdim=True)).clamp(min=0.0), best_i
 
 
+def _nearest_distance_tiles(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, bank_chunk: int) -> torch.Tensor:
+    """Distance of every row of ``q`` to its nearest bank row, without the index: one
+    minimum per tile (an exported graph then needs no ArgMin pass over every tile, which
+    cost onnxruntime a quarter of PatchCore's scoring time)."""
+    best = torch.full((q.shape[0],), float("inf"))
+    for bs in range(0, bank.shape[0], bank_chunk):
+        d = torch.addmm(bank_sq[None, bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, beta=1.0, alpha=-2.0)
+        best = torch.minimum(best, d.amin(dim=1))
+    return (best + (q * q).sum(1)).clamp(min=0.0).sqrt()
+
+
 def _knn_torch(
     query: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, max_elems: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +115,13 @@ class Index:
             d, i = self._faiss.search(query.numpy(), k)
             return torch.from_numpy(d).clamp_(min=0).sqrt_(), torch.from_numpy(i).long()
         return _knn_torch(query, self.bank, self._sq, k, max_elems)
+
+    def nearest_distances(self, query: torch.Tensor) -> torch.Tensor:
+        """Distance of each query row to its nearest bank row (Q). In an exported graph the
+        tiles keep only their minimum (see `_nearest_distance_tiles`); here it is `search`'s."""
+        if torch.compiler.is_exporting() and self.backend == "torch":
+            return _nearest_distance_tiles(query.float(), self.bank, self._sq, max(1, min(self.size, 1024)))
+        return self.search(query, 1)[0][:, 0]
 
 
 def knn(

@@ -206,9 +206,9 @@ class PatchCore(CNNDetector):
             sub = self.bank[others]
             index = Index(sub, self.knn_backend)
             query = bank[owner == i]
-            dist, nn_idx = index.search(query, 1)
-            maps = patch_scores_to_maps(dist[:, 0].view(1, h, w), size, self.sigma)
-            score = self._image_scores(query[None], dist[:, 0][None], nn_idx[:, 0][None], sub, index)
+            dist = index.nearest_distances(query)
+            maps = patch_scores_to_maps(dist.view(1, h, w), size, self.sigma)
+            score = self._image_scores(query[None], dist[None], sub, index)
             parts.append(NormalScores.summarize(Prediction(score, maps)))
             order.append(i)
             if progress:
@@ -246,9 +246,9 @@ class PatchCore(CNNDetector):
         index = self.index if index is None else index
         n, _, h, w = fmap.shape
         query = flatten_patches(fmap)
-        dist, nn_idx = index.search(query, 1)
-        maps = patch_scores_to_maps(dist[:, 0].view(n, h, w), size, self.sigma)
-        scores = self._image_scores(query.view(n, h * w, -1), dist[:, 0].view(n, -1), nn_idx[:, 0].view(n, -1), self.bank, index)
+        dist = index.nearest_distances(query)
+        maps = patch_scores_to_maps(dist.view(n, h, w), size, self.sigma)
+        scores = self._image_scores(query.view(n, h * w, -1), dist.view(n, -1), self.bank, index)
         return Prediction(scores, maps)
 
     def export_graph(self) -> ScoreGraph:
@@ -263,16 +263,17 @@ class PatchCore(CNNDetector):
         exact = Index(self.bank, "torch")
         return ScoreGraph(lambda x: self.score_features(self.embed(x), tuple(x.shape[-2:]), exact), self.backbone)
 
-    def _image_scores(
-        self, query: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor, index: Index | AnnIndex
-    ) -> torch.Tensor:
-        """Eq. 7 re-weighting of the largest patch distance (or the plain max), against ``bank``."""
+    def _image_scores(self, query: torch.Tensor, dist: torch.Tensor, bank: torch.Tensor, index: Index | AnnIndex) -> torch.Tensor:
+        """Eq. 7 re-weighting of the largest patch distance (or the plain max), against ``bank``.
+        m* is found again for the N most anomalous patches only (an N-row search), so the
+        search over all patches needs no indices."""
         s_star, j = dist.max(dim=1)
         if self.image_score == "max" or bank.shape[0] < 2:
             return s_star
         rows = torch.arange(query.shape[0])
         m_test = query[rows, j]
-        m_star = bank[nn_idx[rows, j]]
+        _, nearest = index.search(m_test, 1)
+        m_star = bank[nearest[:, 0]]
         _, support = index.search(m_star, self.num_neighbors)
         d_support = (m_test[:, None, :] - bank[support]).norm(dim=2)
         weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
