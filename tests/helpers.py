@@ -1,8 +1,11 @@
-"""Test helpers: paste a real defect crop into a real normal image."""
+"""Test helpers: paste a real defect crop into a real normal image; seeded dataset subsets."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from defectscope.data.datasets import Dataset
 
 
 def paste_defect(image: torch.Tensor, patch: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,3 +27,17 @@ def defect_crop(samples) -> torch.Tensor:
     best = max(samples, key=lambda s: int(s.mask.sum()))
     ys, xs = torch.nonzero(best.mask, as_tuple=True)
     return best.image[:, int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1]
+
+
+def seeded_subset(ds: Dataset, per_defect: int, good: int, train: int | None = None, seed: int = 0) -> Dataset:
+    """A seeded subset: ``train`` training images (all if None), and of the test split
+    ``good`` good images and ``per_defect`` of each defect type. Accuracy floors in the
+    suite are measured on such subsets; the full runs are in benchmarks/."""
+    rng = np.random.default_rng(seed)
+    test = []
+    for kind in ["good", *ds.defects]:
+        group = [r for r in ds.test if r.defect == kind]
+        n = min(len(group), good if kind == "good" else per_defect)
+        test += [group[i] for i in sorted(rng.choice(len(group), n, replace=False))]
+    fit = ds.train if train is None or train >= len(ds.train) else [ds.train[i] for i in sorted(rng.choice(len(ds.train), train, replace=False))]
+    return Dataset(ds.root, fit, test)

@@ -86,17 +86,6 @@ def test_padim_magnetic_tile_floors(magnetic: Path) -> None:
     assert all(v >= f for v, f in zip(measured, (0.83, 0.77, 0.72), strict=True)), measured
 
 
-def seeded_subset(ds: Dataset, per_defect: int, good: int, seed: int = 0) -> Dataset:
-    """The full training split and a seeded subset of the test split (per defect type and good)."""
-    rng = np.random.default_rng(seed)
-    test = []
-    for kind in ["good", *ds.defects]:
-        group = [r for r in ds.test if r.defect == kind]
-        n = min(len(group), good if kind == "good" else per_defect)
-        test += [group[i] for i in sorted(rng.choice(len(group), n, replace=False))]
-    return Dataset(ds.root, ds.train, test)
-
-
 @pytest.mark.slow
 def test_spade_magnetic_tile_floors_on_a_subset(magnetic: Path) -> None:
     """SPADE's full magnetic_tile run (0.4 s/image, 5 minutes) is benchmarks/compare_methods.py;

@@ -1,9 +1,11 @@
-"""Findings from an anomaly map: the regions above a level, where they are and how big.
+"""Findings from an anomaly map: the verdict, the regions above a level, where and how big.
 
 A region is a connected component (8-connectivity) of the map at or above ``level``,
 in the original image's pixels. Its position on a 3 x 3 grid ("top left" ... "bottom
-right") is the one AnomalyGPT's answers use. Everything a station or an answer says
-about *where* comes from these, so it can never say what the map does not show.
+right") is the one AnomalyGPT's answers use; its elongation is the ratio of the axes of
+its pixels' second moments (1 = round, large = a line, as a crack). Severity is
+Anomaly-OV's adverb from score / threshold. Everything a station or an answer says comes
+from a `Finding`, so it can never say what the map does not show.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class Region:
     area_share: float  # of the image
     peak: float  # the map's maximum inside the region
     position: str  # 3 x 3 grid cell of the region's peak, e.g. "bottom left"
+    elongation: float = 1.0  # major / minor axis of the region's pixels (1 = round)
+    kind: str | None = None  # defect type named by the nearest prototype (`defect_types`), if asked
+    kind_similarity: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,5 +64,54 @@ def find_regions(amap: np.ndarray, level: float, *, min_area: int = 4, limit: in
         regions.append(Region(
             int(xs.start), int(ys.start), int(xs.stop - xs.start), int(ys.stop - ys.start),
             int(areas[i]), float(areas[i] / (h * w)), float(peaks[i]), grid_position(py, px, h, w),
+            elongation(labels[box] == i + 1),
         ))
     return sorted(regions, key=lambda r: -r.peak)[:limit]
+
+
+def elongation(mask: np.ndarray) -> float:
+    """sqrt of the ratio of the eigenvalues of the pixels' coordinate covariance (>= 1)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 3:
+        return 1.0
+    small, large = np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(np.float64)))
+    return float(np.sqrt(max(large, 1e-12) / max(small, 1e-12 * max(large, 1.0), 1 / 12)))
+
+
+SEVERITY = ((1.25, "slightly"), (2.0, "moderately"))  # score / threshold below these; above: "highly"
+
+
+def severity(score: float, threshold: float) -> str:
+    """Anomaly-OV's adverb for how far a score lies above the threshold."""
+    ratio = score / threshold if threshold > 0 else float("inf")
+    return next((word for limit, word in SEVERITY if ratio < limit), "highly")
+
+
+@dataclass
+class Finding:
+    """What one prediction says: verdict, score against the threshold, the regions."""
+
+    score: float
+    threshold: float | None
+    defective: bool | None  # None without a threshold
+    severity: str | None  # "slightly" / "moderately" / "highly" anomalous, for defective images
+    regions: list[Region]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "regions": [r.to_dict() for r in self.regions]}
+
+
+def region_level(amap: np.ndarray, threshold: float) -> float:
+    """The map level regions are cut at: the threshold, or (when the smoothed map stays
+    below it although the image score is above) halfway from the map's median to its peak."""
+    peak = float(amap.max())
+    return threshold if peak >= threshold else 0.5 * (float(np.median(amap)) + peak)
+
+
+def make_finding(score: float, amap: np.ndarray, threshold: float | None, *, limit: int = 5) -> Finding:
+    """The finding of one image's score and anomaly map (original size) at ``threshold``."""
+    if threshold is None:
+        return Finding(score, None, None, None, [])
+    if score < threshold:
+        return Finding(score, threshold, False, None, [])
+    return Finding(score, threshold, True, severity(score, threshold), find_regions(amap, region_level(amap, threshold), limit=limit))

@@ -174,9 +174,9 @@ class PaDiM(CNNDetector):
         e = self.embed(batch)
         if e.shape[1:3] != self.mean.shape[:2]:
             raise DataError(f"Input size {tuple(batch.shape[-2:])} differs from the training size; PaDiM needs aligned images of one size.")
-        diff = e - self.mean
+        diff = (e - self.mean).permute(1, 2, 0, 3)  # h x w x n x d: one batched product per position
         inv = self.inv_cov.float()
-        dist = torch.einsum("nhwi,hwij,nhwj->nhw", diff, inv, diff).clamp_(min=0).sqrt_()
+        dist = ((diff @ inv) * diff).sum(-1).permute(2, 0, 1).clamp(min=0).sqrt()
         maps = patch_scores_to_maps(dist, tuple(batch.shape[-2:]), self.sigma)
         return Prediction(maps.flatten(1).max(1).values, maps)
 
