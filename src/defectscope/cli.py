@@ -260,6 +260,38 @@ def export(
 
 
 @app.command()
+def ask(
+    model: Annotated[Path, typer.Argument(help="Model file (.dscope).")],
+    image: Annotated[Path, typer.Argument(help="The image to ask about.")],
+    question: Annotated[str, typer.Argument(help='The question, e.g. "where?", "how big?", "is it a crack?".')] = "Is there an anomaly in this image?",
+    defect_examples: Annotated[Optional[Path], typer.Option(help="Folder with one sub-folder of example images (+ <stem>_mask.png) per defect type.")] = None,  # noqa: UP045
+    llm: Annotated[Optional[str], typer.Option(help="Phrase the answer with: smollm2, a .gguf file, or an OpenAI-compatible URL.")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="Print the finding, both answers and which was used, as JSON.")] = False,
+) -> None:
+    """Answer a question about one image in words, from the model's anomaly map only."""
+
+    def job() -> None:
+        from defectscope.answers import ask as ask_image
+        from defectscope.answers import language_model
+        from defectscope.defect_types import DefectTypes
+
+        detector, extra = _load_model(model, None)
+        thr = (extra.get("threshold") or {}).get("value")
+        types = None if defect_examples is None else DefectTypes.from_folder(detector, defect_examples, thr)
+        try:
+            lm = language_model(llm)
+        except DefectscopeError as exc:
+            console.print(f"[yellow]{exc}[/] Answering by rules.")
+            lm = None
+        result = ask_image(detector, image, question, threshold=thr, types=types, llm=lm)
+        if result.llm_rejected:
+            console.print(f"[yellow]Language model answer not used: {result.llm_rejected}.[/]")
+        typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text)
+
+    _run(job)
+
+
+@app.command()
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Dataset folder in MVTec layout (train/good, test/*, ground_truth/*).")],
     method: Method = "patchcore",
