@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import seeded_subset
 
 from defectscope.artifacts import load_detector, save_detector
-from defectscope.data.datasets import Dataset, iter_samples, load_dataset
+from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
 from defectscope.evaluate import evaluate
 
-# image AUROC, pixel AUROC, AUPRO on the seeded 120-image subset: measured 0.708 / 0.896 / 0.862
-SPADE_SUBSET_FLOORS = (0.66, 0.86, 0.82)
+# image AUROC, pixel AUROC, AUPRO with 200 seeded training images and the seeded 120-image
+# test subset: measured 0.674 / 0.869 / 0.848
+SPADE_SUBSET_FLOORS = (0.63, 0.83, 0.80)
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +82,19 @@ def test_battery_weld_floors(method: str, image_floor: float, pixel_floor: float
 
 
 @pytest.mark.slow
-def test_padim_magnetic_tile_floors(magnetic: Path) -> None:
-    row = overall("padim", magnetic)  # measured 0.874 / 0.805 / AUPRO 0.771 (mask fix: see README)
+def test_padim_magnetic_tile_floors_on_a_subset(magnetic: Path) -> None:
+    """The seeded subset of `seeded_subset` (200 train, 120 test): measured 0.782 / 0.861 /
+    0.791; the full run (0.874 / 0.805 / 0.771) is benchmarks/compare_methods.py."""
+    row = evaluate("padim", seeded_subset(load_dataset(magnetic), per_defect=12, good=60, train=200)).overall
     measured = (row["image_auroc"], row["pixel_auroc"], row["aupro"])
-    assert all(v >= f for v, f in zip(measured, (0.83, 0.77, 0.72), strict=True)), measured
+    assert all(v >= f for v, f in zip(measured, (0.74, 0.82, 0.75), strict=True)), measured
 
 
 @pytest.mark.slow
 def test_spade_magnetic_tile_floors_on_a_subset(magnetic: Path) -> None:
     """SPADE's full magnetic_tile run (0.4 s/image, 5 minutes) is benchmarks/compare_methods.py;
-    here the full train split and 120 seeded test images (60 good, 12 per defect type)."""
-    subset = seeded_subset(load_dataset(magnetic), per_defect=12, good=60)
+    here 200 seeded training images and 120 seeded test images (60 good, 12 per defect type)."""
+    subset = seeded_subset(load_dataset(magnetic), per_defect=12, good=60, train=200)
     assert len(subset.test) == 120
     row = evaluate("spade", subset).overall
     measured = (row["image_auroc"], row["pixel_auroc"], row["aupro"])

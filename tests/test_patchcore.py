@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import seeded_subset
 
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
@@ -26,13 +27,13 @@ def test_battery_weld_floors(battery: Path) -> None:
 
 
 @pytest.mark.slow
-def test_magnetic_tile_floors(magnetic: Path) -> None:
-    result = evaluate("patchcore", magnetic)
-    row = result.overall
-    print(result.to_markdown())
-    assert row["image_auroc"] >= 0.92
-    assert row["pixel_auroc"] >= 0.80
-    assert row["aupro"] >= 0.67
+def test_magnetic_tile_floors_on_a_subset(magnetic: Path) -> None:
+    """200 seeded training images, 120 test images (60 good, 12 per defect type): measured
+    0.913 / 0.886 / 0.721; the full run (0.946 / 0.834 / 0.708) is benchmarks/compare_methods.py."""
+    subset = seeded_subset(load_dataset(magnetic), per_defect=12, good=60, train=200)
+    row = evaluate("patchcore", subset).overall
+    measured = (row["image_auroc"], row["pixel_auroc"], row["aupro"])
+    assert all(v >= f for v, f in zip(measured, (0.87, 0.85, 0.68), strict=True)), measured
 
 
 def test_same_seed_same_scores_and_maps_at_input_size(battery: Path) -> None:

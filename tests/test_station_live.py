@@ -87,6 +87,9 @@ def test_review_page_upload_correct_and_rescore(model: Path, tmp_path: Path, bat
             expect(page.locator("#detail-verdict")).to_have_text("defect", timeout=60_000)
             page.wait_for_function("document.getElementById('detail-heatmap').naturalWidth > 0")
             assert page.locator("#boxes .box").count() >= 1
+            page.fill("#ask-question", "where is it?")
+            page.click("#ask button")
+            expect(page.locator("#ask-answer")).to_contain_text("The anomaly is at the", timeout=30_000)
             page.click("#btn-good")
             expect(page.locator("#model-version")).not_to_have_text(first_version, timeout=60_000)
             new_version = page.locator("#model-version").inner_text()

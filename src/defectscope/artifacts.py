@@ -87,10 +87,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(metadata["manifest"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path} is a safetensors file but not a defectscope model (no manifest).") from exc
-    if manifest.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a defectscope model (format {manifest.get('format')!r}).")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"{path} was written by a newer defectscope; upgrade to load it.")
+    return check_format(path, manifest, FORMAT, FORMAT_VERSION, "re-create it with `defectscope fit`")
+
+
+def check_format(path: Path, manifest: dict[str, Any], fmt: str, version: int, fix: str) -> dict[str, Any]:
+    """``manifest`` if it declares format ``fmt`` at a version this defectscope reads."""
+    if manifest.get("format") != fmt:
+        raise ModelFileError(f"{path} is not a {fmt} file (format {manifest.get('format')!r}); {fix}.")
+    if manifest.get("format_version", 0) > version:
+        raise ModelFileError(f"{path} was written by a newer defectscope; upgrade to read it.")
     return manifest
 
 

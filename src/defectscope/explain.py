@@ -115,3 +115,11 @@ def make_finding(score: float, amap: np.ndarray, threshold: float | None, *, lim
     if score < threshold:
         return Finding(score, threshold, False, None, [])
     return Finding(score, threshold, True, severity(score, threshold), find_regions(amap, region_level(amap, threshold), limit=limit))
+
+
+def stored_finding(score: float, threshold: float | None, regions: list[dict]) -> Finding:
+    """A finding rebuilt from a recorded result (the station's store), without rescoring."""
+    if threshold is None:
+        return Finding(score, None, None, None, [])
+    defective = score >= threshold
+    return Finding(score, threshold, defective, severity(score, threshold) if defective else None, [Region(**r) for r in regions])

@@ -22,6 +22,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from defectscope.artifacts import check_format
 from defectscope.data.datasets import Sample
 from defectscope.data.images import Geometry, Preprocess
 from defectscope.detectors.base import Detector, Prediction, Progress
@@ -44,11 +45,7 @@ def _check_metadata(path: Path, raw: str | None) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path} has damaged defectscope metadata ({exc}); {refit}.") from exc
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a defectscope export (format {meta.get('format')!r}); {refit}.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"{path} was exported by a newer defectscope; upgrade to run it.")
-    return meta
+    return check_format(path, meta, FORMAT, FORMAT_VERSION, refit)
 
 
 def _modified(path: Path) -> ModelFileError:

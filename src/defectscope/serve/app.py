@@ -18,7 +18,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from defectscope import __version__
+from defectscope.answers import answer
 from defectscope.errors import ConfigError, DefectscopeError
+from defectscope.explain import stored_finding
 from defectscope.serve.station import MAX_UPLOAD_BYTES, Station, UploadError
 from defectscope.serve.store import Result
 
@@ -126,6 +128,13 @@ def create_app(station: Station, *, token: str | None = None, require_token: boo
     @app.get("/v1/results/{result_id}", summary="One result")
     async def one(result_id: str) -> dict[str, Any]:
         return result_json(stored(result_id))
+
+    @app.get("/v1/results/{result_id}/answer", summary="An answer in words about one result, from its recorded finding")
+    async def answer_about(
+        result_id: str, q: Annotated[str, Query(max_length=500, description="The question.")] = "Is there an anomaly in this image?"
+    ) -> dict[str, Any]:
+        r = stored(result_id)
+        return answer(stored_finding(r.score, r.threshold, r.regions), q).to_dict()
 
     @app.get("/v1/results/{result_id}/image", summary="The scored image as it was received", response_class=FileResponse)
     async def image(result_id: str) -> FileResponse:

@@ -28,7 +28,7 @@ from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import load_image
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError
-from defectscope.explain import find_regions
+from defectscope.explain import make_finding
 from defectscope.pipeline import score_samples
 from defectscope.report import overlay
 from defectscope.serve.store import Result, SQLiteStore, new_id
@@ -230,7 +230,7 @@ class Station:
     def _record(self, job: Job, score: float, amap: np.ndarray, model: ModelVersion, seconds: float, batch: int) -> Result:
         t0 = time.perf_counter()
         thr = model.threshold
-        regions = [] if thr is None else [r.to_dict() for r in find_regions(amap, thr)]
+        regions = [r.to_dict() for r in make_finding(score, amap, thr).regions]
         lo, hi = model.map_range or (float(amap.min()), float(amap.max()))
         heat = self.store.root / "images" / f"{job.id}_heatmap.png"
         overlay(load_image(job.path), amap, vmin=lo, vmax=hi).save(heat)

@@ -77,7 +77,19 @@ async function select(id) {
   heat.onload = () => drawBoxes(r);
   heat.src = r.heatmap_url;
   $("review-state").textContent = r.review ? `reviewed: ${r.review}` : "not reviewed";
+  $("ask-answer").textContent = "";
   for (const li of $("queue").children) li.className = li.dataset.id === id ? "selected" : "";
+}
+
+async function ask() {
+  if (!state.selected) return;
+  const q = $("ask-question").value.trim() || "Is there an anomaly in this image?";
+  try {
+    const out = await api(`/v1/results/${state.selected}/answer?q=${encodeURIComponent(q)}`);
+    $("ask-answer").textContent = out.text;
+  } catch (err) {
+    say(`Could not answer: ${err.message}`, true);
+  }
 }
 
 async function review(label) {
@@ -187,6 +199,7 @@ function wire() {
       loadQueue();
     });
   }
+  $("ask").addEventListener("submit", (e) => { e.preventDefault(); ask(); });
   $("btn-good").addEventListener("click", () => review("normal"));
   $("btn-defect").addEventListener("click", () => review("defect"));
   $("slider").addEventListener("input", showSlider);
