@@ -163,3 +163,21 @@ def test_make_finding_without_regions_above_threshold_still_locates_the_peak() -
     amap[70:80, 5:15] = 1.5  # peak below the threshold 2.0 (a smoothed map), image score above
     finding = make_finding(2.5, amap, 2.0)
     assert finding.defective and finding.regions[0].position == "bottom left"
+
+
+def test_cli_ask_with_missing_model_weights_answers_by_rules_and_says_why(weld, tmp_path: Path) -> None:
+    _, _, good, _, model = weld
+    result = CliRunner().invoke(app, ["ask", str(model), str(good.path), "--json", "--llm", str(tmp_path / "none.gguf")])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{") :])
+    assert out["source"] == "rules" and "Cannot load the language model" in out["llm_rejected"]
+
+
+def test_elongation_tells_a_line_from_a_blob() -> None:
+    from defectscope.explain import find_regions
+
+    amap = np.zeros((60, 60), np.float32)
+    amap[10, 5:45] = 1.0  # a one-pixel crack
+    amap[30:40, 30:40] = 1.0  # a square blob
+    line, blob = sorted(find_regions(amap, 0.5), key=lambda r: r.height)
+    assert line.elongation > 10 and blob.elongation == pytest.approx(1.0)

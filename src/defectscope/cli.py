@@ -278,12 +278,13 @@ def ask(
         detector, extra = _load_model(model, None)
         thr = (extra.get("threshold") or {}).get("value")
         types = None if defect_examples is None else DefectTypes.from_folder(detector, defect_examples, thr)
+        lm, unavailable = None, None
         try:
             lm = language_model(llm)
         except DefectscopeError as exc:
-            console.print(f"[yellow]{exc}[/] Answering by rules.")
-            lm = None
+            unavailable = str(exc)
         result = ask_image(detector, image, question, threshold=thr, types=types, llm=lm)
+        result.llm_rejected = result.llm_rejected or unavailable
         if result.llm_rejected:
             console.print(f"[yellow]Language model answer not used: {result.llm_rejected}.[/]")
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text)

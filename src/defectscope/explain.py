@@ -70,12 +70,14 @@ def find_regions(amap: np.ndarray, level: float, *, min_area: int = 4, limit: in
 
 
 def elongation(mask: np.ndarray) -> float:
-    """sqrt of the ratio of the eigenvalues of the pixels' coordinate covariance (>= 1)."""
+    """sqrt of the ratio of the eigenvalues of the pixels' coordinate covariance (>= 1);
+    each eigenvalue is at least 1/12, the variance of one pixel's own extent, so a
+    one-pixel-wide line has a finite elongation."""
     ys, xs = np.nonzero(mask)
     if len(ys) < 3:
         return 1.0
     small, large = np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(np.float64)))
-    return float(np.sqrt(max(large, 1e-12) / max(small, 1e-12 * max(large, 1.0), 1 / 12)))
+    return float(np.sqrt(max(large, 1 / 12) / max(small, 1 / 12)))
 
 
 SEVERITY = ((1.25, "slightly"), (2.0, "moderately"))  # score / threshold below these; above: "highly"

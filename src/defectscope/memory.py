@@ -8,7 +8,7 @@ minimum distances.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -29,15 +29,20 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | Non
     return d.clamp_(min=0.0)
 
 
+def _tiles(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, bank_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first bank row, |b|^2 - 2ab) for the bank taken ``bank_chunk`` rows at a time: one
+    fused product per tile; |a|^2, constant along a row, is left to the caller."""
+    for bs in range(0, bank.shape[0], bank_chunk):
+        yield bs, torch.addmm(bank_sq[None, bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, beta=1.0, alpha=-2.0)
+
+
 def _nearest_in_tiles(
     q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, bank_chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distances and indices of the k nearest bank rows of every row of ``q``, the
-    bank taken ``bank_chunk`` rows at a time (a tile is |b|^2 - 2ab, one fused product)."""
+    """Squared distances and indices of the k nearest bank rows of every row of ``q``."""
     best_d = torch.full((q.shape[0], k), float("inf"))
     best_i = torch.zeros((q.shape[0], k), dtype=torch.long)
-    for bs in range(0, bank.shape[0], bank_chunk):
-        d = torch.addmm(bank_sq[None, bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, beta=1.0, alpha=-2.0)
+    for bs, d in _tiles(q, bank, bank_sq, bank_chunk):
         if k == 1:
             cd, ci = d.min(dim=1, keepdim=True)
             better = cd < best_d
@@ -54,8 +59,7 @@ def _nearest_distance_tiles(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.
     minimum per tile (an exported graph then needs no ArgMin pass over every tile, which
     cost onnxruntime a quarter of PatchCore's scoring time)."""
     best = torch.full((q.shape[0],), float("inf"))
-    for bs in range(0, bank.shape[0], bank_chunk):
-        d = torch.addmm(bank_sq[None, bs : bs + bank_chunk], q, bank[bs : bs + bank_chunk].T, beta=1.0, alpha=-2.0)
+    for _, d in _tiles(q, bank, bank_sq, bank_chunk):
         best = torch.minimum(best, d.amin(dim=1))
     return (best + (q * q).sum(1)).clamp(min=0.0).sqrt()
 
