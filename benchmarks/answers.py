@@ -27,7 +27,7 @@ from defectscope import pipeline
 from defectscope.answers import answer, language_model
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.images import load_mask
-from defectscope.defect_types import DefectTypes, signature
+from defectscope.defect_types import DefectTypes, features, signature
 from defectscope.detectors.base import make_detector, training_options
 from defectscope.explain import grid_position, make_finding
 
@@ -62,7 +62,8 @@ def type_accuracy(detector, rows: list[dict], seed: int) -> tuple[float, float, 
         idx = [i for i, r in enumerate(rows) if r["rec"].defect == kind and r["rec"].mask_path is not None]
         pick = rng.choice(idx, min(EXAMPLES_PER_TYPE, len(idx)), replace=False)
         chosen |= set(pick.tolist())
-        signatures[kind] = [s for s in (signature(detector, rows[i]["sample"].image, rows[i]["sample"].mask) for i in pick) if s is not None]
+        sigs = (signature(features(detector, rows[i]["sample"].image), rows[i]["sample"].mask) for i in pick)
+        signatures[kind] = [s for s in sigs if s is not None]
     types = DefectTypes.from_signatures(signatures)
     right = unknown = n = 0
     for i, r in enumerate(rows):

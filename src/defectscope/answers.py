@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from defectscope.data.datasets import Record, load_sample
-from defectscope.defect_types import DefectTypes
+from defectscope.defect_types import UNKNOWN, DefectTypes
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError
 from defectscope.explain import COLS, ROWS, Finding, Region, make_finding
@@ -78,7 +78,7 @@ def _where(regions: list[Region]) -> str:
 def _kind_phrase(region: Region) -> str:
     if region.kind is None:
         return ""
-    return ", of an unknown kind" if region.kind == "unknown" else f", most like a {region.kind}"
+    return ", of an unknown kind" if region.kind == UNKNOWN else f", most like a {region.kind}"
 
 
 def rule_answer(finding: Finding, question: str = "Is there an anomaly in this image?", kinds: list[str] | None = None) -> str:
@@ -106,7 +106,7 @@ def rule_answer(finding: Finding, question: str = "Is there an anomaly in this i
         named = next((k for k in kinds if k.lower() in question.lower()), None)
         if top.kind is None:
             return lead + f" {_where([top])}; no defect examples were given, so I cannot name its kind."
-        if top.kind == "unknown":
+        if top.kind == UNKNOWN:
             return lead + f" {_where([top])}; it matches none of the known defect types."
         if named is not None and named != top.kind:
             return f"No, it looks more like a {top.kind} than a {named}."

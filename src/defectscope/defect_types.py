@@ -31,7 +31,8 @@ UNKNOWN = "unknown"
 INSIDE_SHARE = 0.25  # a feature cell is inside the defect when this share of its pixels is
 
 
-def _features(detector: Detector, image: torch.Tensor) -> torch.Tensor:
+def features(detector: Detector, image: torch.Tensor) -> torch.Tensor:
+    """The model's fused backbone features of one image, D x h x w."""
     backbone = getattr(detector, "backbone", None)
     if backbone is None:
         raise ConfigError(f"Naming defect types needs the model's backbone features; {detector.name} models have none (use the .dscope model file).")
@@ -39,9 +40,9 @@ def _features(detector: Detector, image: torch.Tensor) -> torch.Tensor:
         return fuse_stages(backbone(image[None]))[0]  # D x h x w
 
 
-def signature(detector: Detector, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """Normalised (mean feature inside ``mask`` - mean outside) at the feature grid; None for an empty mask."""
-    feats = _features(detector, image)
+def signature(feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Normalised (mean of ``feats`` inside ``mask`` - mean outside) at the feature grid;
+    None for an empty mask."""
     share = F.interpolate(mask[None, None].float(), size=feats.shape[-2:], mode="area")[0, 0]
     if share.max() <= 0:
         return None
@@ -60,7 +61,6 @@ class DefectTypes:
     names: list[str]
     prototypes: torch.Tensor
     accept: float
-    examples: int
 
     @classmethod
     def from_signatures(cls, signatures: dict[str, list[torch.Tensor]]) -> DefectTypes:
@@ -76,7 +76,7 @@ class DefectTypes:
                 if rest:
                     loo.append(float(F.normalize(torch.stack(rest).mean(0), dim=0) @ sigs[i]))
         accept = min(loo) if loo else 0.0  # one example per type: nothing says how close is close
-        return cls(names, protos, accept, sum(len(signatures[n]) for n in names))
+        return cls(names, protos, accept)
 
     @classmethod
     def from_folder(cls, detector: Detector, folder: str | Path, threshold: float | None) -> DefectTypes:
@@ -104,12 +104,13 @@ class DefectTypes:
         if not finding.regions:
             return finding
         level = region_level(amap, finding.threshold)
+        feats = features(detector, sample.image)  # one backbone pass for all regions
         named = []
         for r in finding.regions:
             mask = np.zeros(amap.shape, bool)
             box = (slice(r.y, r.y + r.height), slice(r.x, r.x + r.width))
             mask[box] = amap[box] >= level
-            sig = signature(detector, sample.image, sample_mask(mask, sample))
+            sig = signature(feats, sample_mask(mask, sample))
             kind, sim = (UNKNOWN, 0.0) if sig is None else self.name(sig)
             named.append(replace(r, kind=kind, kind_similarity=sim))
         return replace(finding, regions=named)
@@ -130,5 +131,5 @@ def example_signature(detector: Detector, path: Path, threshold: float | None) -
         _, _, amap = next(score_samples(detector, iter([sample])))
         level = region_level(amap, threshold)
         sample.mask = sample_mask(amap >= level, sample)
-    return signature(detector, sample.image, sample.mask)
+    return signature(features(detector, sample.image), sample.mask)
 

@@ -10,6 +10,7 @@ from a `Finding`, so it can never say what the map does not show.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -110,18 +111,20 @@ def region_level(amap: np.ndarray, threshold: float) -> float:
     return threshold if peak >= threshold else 0.5 * (float(np.median(amap)) + peak)
 
 
-def make_finding(score: float, amap: np.ndarray, threshold: float | None, *, limit: int = 5) -> Finding:
-    """The finding of one image's score and anomaly map (original size) at ``threshold``."""
+def _finding(score: float, threshold: float | None, regions: Callable[[], list[Region]]) -> Finding:
+    """The verdict and severity of ``score`` at ``threshold``; ``regions`` only for a defective one."""
     if threshold is None:
         return Finding(score, None, None, None, [])
     if score < threshold:
         return Finding(score, threshold, False, None, [])
-    return Finding(score, threshold, True, severity(score, threshold), find_regions(amap, region_level(amap, threshold), limit=limit))
+    return Finding(score, threshold, True, severity(score, threshold), regions())
+
+
+def make_finding(score: float, amap: np.ndarray, threshold: float | None, *, limit: int = 5) -> Finding:
+    """The finding of one image's score and anomaly map (original size) at ``threshold``."""
+    return _finding(score, threshold, lambda: find_regions(amap, region_level(amap, threshold), limit=limit))
 
 
 def stored_finding(score: float, threshold: float | None, regions: list[dict]) -> Finding:
     """A finding rebuilt from a recorded result (the station's store), without rescoring."""
-    if threshold is None:
-        return Finding(score, None, None, None, [])
-    defective = score >= threshold
-    return Finding(score, threshold, defective, severity(score, threshold) if defective else None, [Region(**r) for r in regions])
+    return _finding(score, threshold, lambda: [Region(**r) for r in regions])

@@ -14,8 +14,8 @@ precision hint would be bfloat16, and scores would no longer match torch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
