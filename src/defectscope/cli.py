@@ -17,7 +17,8 @@ from rich.text import Text
 
 from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
-from defectscope.data.datasets import Record, iter_samples, load_dataset, training_records
+from defectscope.data.datasets import Record, load_dataset, training_records
+from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import make_detector, training_options
 from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
@@ -46,10 +47,28 @@ Resize = Annotated[
     typer.Option(help="aspect (keep shape), letterbox (pad to square) or squash; default: the method's."),
 ]
 
+Tile = Annotated[
+    Optional[int],  # noqa: UP045 - typer needs Optional here
+    typer.Option(help="Large images, small defects: score SIZE x SIZE tiles of the image at --scale and stitch their maps (--size/--resize then do not apply)."),
+]
+Overlap = Annotated[Optional[float], typer.Option(help="--tile: share of a tile's side that overlaps its neighbours (default 0.25).")]  # noqa: UP045
+Scale = Annotated[Optional[float], typer.Option(help="--tile: scale images by this first; 1 = the camera's own pixels (default).")]  # noqa: UP045
 
-def _config(size: int, resize: str | None, options: list[str] | None, class_name: str | None = None) -> dict[str, Any]:
+
+def _preprocess(size: int, resize: str | None, tile: int | None, overlap: float | None, scale: float | None) -> dict[str, Any]:
+    """The preprocess options the user gave (the method's defaults fill the rest)."""
+    if tile is None and (overlap is not None or scale is not None):
+        raise DefectscopeError("--overlap and --scale apply to tiles; add --tile SIZE (e.g. --tile 256).")
     preprocess: dict[str, Any] = {"size": size} if resize is None else {"size": size, "resize": resize}
-    config: dict[str, Any] = {"preprocess": preprocess}
+    if tile is not None:
+        preprocess |= {"tile": tile} | ({} if overlap is None else {"overlap": overlap}) | ({} if scale is None else {"scale": scale})
+    return preprocess
+
+
+def _config(
+    size: int, resize: str | None, options: list[str] | None, class_name: str | None = None, tiling: tuple[int | None, float | None, float | None] = (None, None, None)
+) -> dict[str, Any]:
+    config: dict[str, Any] = {"preprocess": _preprocess(size, resize, *tiling)}
     if class_name is not None:
         config["class_name"] = class_name
     for item in options or []:
@@ -110,6 +129,9 @@ def fit(
     method: Method = "patchcore",
     size: Size = 256,
     resize: Resize = None,
+    tile: Tile = None,
+    overlap: Overlap = None,
+    scale: Scale = None,
     options: Options = None,
     class_name: ClassName = None,
     false_alarm_rate: Annotated[float, typer.Option(help="Share of normal parts the threshold may flag (set from all training images scored as unseen).")] = DEFAULT_FALSE_ALARM_RATE,
@@ -124,7 +146,7 @@ def fit(
         if output.exists() and not overwrite:
             raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
         check_rate(false_alarm_rate)
-        config = _config(size, resize, options, class_name)
+        config = _config(size, resize, options, class_name, (tile, overlap, scale))
         make_detector(method, **config)  # a wrong method or option fails before any image is read
         records = training_records(data)
         detector = make_detector(method, **training_options(method, len(records), config))
@@ -298,6 +320,9 @@ def evaluate(
     method: Method = "patchcore",
     size: Size = 256,
     resize: Resize = None,
+    tile: Tile = None,
+    overlap: Overlap = None,
+    scale: Scale = None,
     options: Options = None,
     class_name: ClassName = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the table (.md, .csv, .json) or a report (.html).")] = None,  # noqa: UP045
@@ -305,11 +330,12 @@ def evaluate(
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,
     shots: Annotated[Optional[str], typer.Option(help="k-shot protocol: comma-separated k, e.g. 1,2,4,8.")] = None,  # noqa: UP045
     seeds: Annotated[int, typer.Option(help="k-shot protocol: seeds 0..N-1 per k.")] = 5,
+    metric_size: Annotated[Optional[int], typer.Option(help="Compute pixel metrics on maps and masks shrunk to this long side (tiled maps of large images; default: the scored size).")] = None,  # noqa: UP045
 ) -> None:
     """Fit on train/good (or k sampled shots), score the test split, print the metric table."""
 
     def job() -> None:
-        config = _config(size, resize, options, class_name)
+        config = _config(size, resize, options, class_name, (tile, overlap, scale))
         html = output is not None and output.suffix.lower() in (".html", ".htm")
         if html and shots:
             raise DefectscopeError("An HTML report is for one fit; write the k-shot table as .md, .csv or .json.")
@@ -325,7 +351,7 @@ def evaluate(
                 rate = DEFAULT_FALSE_ALARM_RATE if html and false_alarm_rate is None else false_alarm_rate
                 result = run_evaluate(
                     method, data, config=config, require_masks=masks, progress=report,
-                    false_alarm_rate=None if rate is None else check_rate(rate), keep_scores=html,
+                    false_alarm_rate=None if rate is None else check_rate(rate), keep_scores=html, metric_size=metric_size,
                 )
         typer.echo(result.to_markdown())
         if html:
@@ -381,7 +407,7 @@ def add_normals(
         detector = load_detector(model)
         manifest = read_manifest(model)
         paths = pipeline.expand_images(images)
-        change = detector.add_normals(iter_samples([Record(p) for p in paths], detector.preprocess))
+        change = detector.add_normals(training_samples([Record(p) for p in paths], detector.preprocess))
         extra = {**manifest.get("extra", {}), "parent": manifest["sha256"][:12], "note": f"add-normals: {len(paths)} images"}
         save_detector(detector, output, extra=extra)
         console.print(f"wrote [bold]{output}[/] from {model} + {len(paths)} normal images: " + ", ".join(f"{k} {v}" for k, v in change.items()))

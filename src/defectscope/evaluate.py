@@ -1,8 +1,9 @@
 """Detector x dataset -> a metric table per defect type and overall, with cost figures.
 
-Metrics are computed at the network input resolution, on the part of each map that shows
-the image (letterbox padding excluded); masks are resized with centre-aligned nearest
-neighbours, so they sit where the resized image shows the defect.
+Metrics are computed at the network input resolution (for tiled models, the scaled image
+size; ``metric_size`` caps the long side), on the part of each map that shows the image
+(letterbox padding excluded); masks are resized with centre-aligned nearest neighbours,
+so they sit where the resized image shows the defect.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from defectscope.data.datasets import Dataset, Record, iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
 from defectscope.data.images import crop_content
+from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
 from defectscope.errors import DataError
 from defectscope.metrics import image_metrics, misclassified, pixel_metrics
@@ -114,18 +118,36 @@ def format_value(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def shrink(amap: np.ndarray, mask: np.ndarray | None, long_side: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A map and its mask brought to at most ``long_side`` px on the long side (None: as
+    they are): the map with area averaging, the mask centre-aligned nearest, as masks are
+    brought to network size."""
+    h, w = amap.shape
+    if long_side is None or max(h, w) <= long_side:
+        return amap, mask
+    size = (max(1, round(h * long_side / max(h, w))), max(1, round(w * long_side / max(h, w))))
+    small = F.interpolate(torch.from_numpy(amap)[None, None], size=size, mode="area")[0, 0].numpy()
+    if mask is None:
+        return small, None
+    m = F.interpolate(torch.from_numpy(mask.astype(np.uint8))[None, None].float(), size=size, mode="nearest-exact")
+    return small, m[0, 0].numpy() > 0.5
+
+
 def score_records(
-    detector: Detector, records: list[Record], *, batch_size: int = 8, progress: Progress | None = None
+    detector: Detector, records: list[Record], *, batch_size: int = 8, metric_size: int | None = None, progress: Progress | None = None
 ) -> Scored:
-    """Run the detector over records; keep scores, content-cropped maps and masks."""
+    """Run the detector over records; keep scores, content-cropped maps and masks (shrunk to
+    ``metric_size`` px on the long side when larger, see `shrink`)."""
     scores, labels, maps, masks = [], [], [], []
     done = 0
     for batch, pred in detector.predict_samples(iter_samples(records, detector.preprocess), batch_size):
         for s, score, amap in zip(batch, pred.scores, pred.maps, strict=True):
             scores.append(float(score))
             labels.append(s.label)
-            maps.append(crop_content(amap, s.geometry).numpy())
-            masks.append(None if s.mask is None else crop_content(s.mask, s.geometry).numpy())
+            mask = None if s.mask is None else crop_content(s.mask, s.geometry).numpy()
+            amap, mask = shrink(crop_content(amap, s.geometry).numpy(), mask, metric_size)
+            maps.append(amap)
+            masks.append(mask)
         done += len(batch)
         if progress:
             progress("predict", done, len(records))
@@ -170,6 +192,7 @@ def evaluate(
     require_masks: bool = True,
     false_alarm_rate: float | None = None,
     keep_scores: bool = False,
+    metric_size: int | None = None,
     progress: Progress | None = None,
 ) -> EvalResult:
     """Fit ``detector`` (a registered name or an instance) on the dataset's normal training
@@ -177,7 +200,9 @@ def evaluate(
 
     ``false_alarm_rate``: also set the threshold a deployed model would use, from the
     training images alone (`Detector.fit_scored`, as `fit` does); its time is part of
-    ``fit_s``. ``keep_scores``: keep per-image scores, maps and curves (for the report)."""
+    ``fit_s``. ``keep_scores``: keep per-image scores, maps and curves (for the report).
+    ``metric_size``: pixel metrics on maps and masks of at most this long side (`shrink`;
+    the cost row records it)."""
     ds = data if isinstance(data, Dataset) else load_dataset(data, require_masks=require_masks)
     if not ds.test:
         raise DataError(f"{ds.root} has no test split (test/<defect>/ folders); nothing to evaluate.")
@@ -193,10 +218,10 @@ def evaluate(
         if normal is not None:
             threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)
     else:
-        det.fit(iter_samples(train, det.preprocess) if uses_images else None, progress=progress)
+        det.fit(training_samples(train, det.preprocess) if uses_images else None, progress=progress)
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    scored = score_records(det, ds.test, batch_size=batch_size, progress=progress)
+    scored = score_records(det, ds.test, batch_size=batch_size, metric_size=metric_size, progress=progress)
     predict_s = time.perf_counter() - t1
     cost = {
         "fit_s": fit_s,
@@ -204,6 +229,8 @@ def evaluate(
         "peak_rss_mb": peak_rss_mb(),
         "train_images": float(len(train) if uses_images else 0),
     }
+    if metric_size is not None:
+        cost["metric_long_side"] = float(metric_size)
     curves: dict[str, Any] = {}
     rows = metric_rows(scored, ds.defects, curves if keep_scores else None)
     threshold_row = None

@@ -23,6 +23,7 @@ import numpy as np
 
 from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES, to_original
+from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import ConfigError, DataError
 from defectscope.evaluate import score_records
@@ -107,11 +108,11 @@ def fit(
         if test_of is None and not isinstance(data, list):
             test_of = data
         check_validation(val, records, test_of, force=force)
-        detector.fit(iter_samples(records, detector.preprocess), progress=progress)
+        detector.fit(training_samples(records, detector.preprocess), progress=progress)
         return _from_scored(detector, val, false_alarm_rate, "validation", progress)
     if holdout > 0:
         fit_recs, held = split_holdout(records, holdout, seed)
-        detector.fit(iter_samples(fit_recs, detector.preprocess), progress=progress)
+        detector.fit(training_samples(fit_recs, detector.preprocess), progress=progress)
         if held:
             return _from_scored(detector, held, false_alarm_rate, "held-out", progress)
         normal = None

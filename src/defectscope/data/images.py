@@ -171,22 +171,41 @@ class Preprocess:
     - ``letterbox``: as ``aspect``, then padded to ``size x size`` (for methods that need
       one input size, such as PaDiM).
     - ``squash``: resized to ``size x size`` regardless of shape (the user's choice only).
+
+    Tiling (``tile`` set): ``size`` and ``resize`` do not apply. The image is scaled by
+    ``scale`` (1 = the camera's own pixels) and the detector sees it as ``tile`` x ``tile``
+    tiles that share at least ``overlap`` of their side with their neighbours
+    (`defectscope.data.tiles`); maps are stitched back at the scaled size.
     """
 
     size: int = 256
     resize: ResizeMode = "aspect"
+    tile: int | None = None
+    overlap: float = 0.25
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.resize not in ("aspect", "letterbox", "squash"):
             raise DataError(f"Unknown resize mode {self.resize!r}; use aspect, letterbox or squash.")
         if self.size < 32:
             raise DataError(f"Image size {self.size} is too small; use at least 32 pixels.")
+        if self.tile is not None and self.tile < MIN_SIDE:
+            raise DataError(f"Tile size {self.tile} is too small; use at least {MIN_SIDE} pixels.")
+        if not 0 <= self.overlap <= 0.75:
+            raise DataError(f"Tile overlap {self.overlap} must lie in 0..0.75 (a fraction of the tile side).")
+        if not 0 < self.scale <= 4:
+            raise DataError(f"Scale {self.scale} must lie in (0, 4] (1 = the image's own pixels).")
+        if self.tile is None and self.scale != 1:
+            raise DataError("--scale applies to tiled models only; add --tile SIZE (or use --size for whole images).")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def geometry(self, h: int, w: int) -> Geometry:
         """Compute the content box and input size for an h x w image."""
+        if self.tile is not None:
+            sh, sw = max(MIN_SIDE, round(h * self.scale)), max(MIN_SIDE, round(w * self.scale))
+            return Geometry((h, w), (0, 0, sh, sw), (sh, sw))
         s = self.size
         if self.resize == "squash":
             return Geometry((h, w), (0, 0, s, s), (s, s))

@@ -144,6 +144,13 @@ class AnomalyDINO(CNNDetector):
         patch = (dist[:, 0] ** 2 / 2).view(n, h, w)
         if self.masking:
             patch = patch * foreground(t)
-        top = max(1, math.ceil(self.top_fraction * h * w))
-        scores = patch.flatten(1).topk(top, dim=1).values.mean(1)
-        return Prediction(scores, patch_scores_to_maps(patch, tuple(batch.shape[-2:]), self.sigma))
+        return Prediction(self._top_mean(patch.flatten(1)), patch_scores_to_maps(patch, tuple(batch.shape[-2:]), self.sigma))
+
+    def _top_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of the top ``top_fraction`` of each row (at least one value)."""
+        top = max(1, math.ceil(self.top_fraction * values.shape[1]))
+        return values.topk(top, dim=1).values.mean(1)
+
+    def score_map(self, amap: torch.Tensor) -> torch.Tensor:
+        """Tiled images: the mean of the top ``top_fraction`` of the stitched map's pixels."""
+        return self._top_mean(amap.flatten()[None])[0]

@@ -22,6 +22,7 @@ from torch import nn
 from defectscope.backbones import default_stages, get_backbone
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.data.images import Preprocess
+from defectscope.data.tiles import Box, boxes, cut, stitch, training_samples
 from defectscope.errors import ConfigError
 
 log = logging.getLogger("defectscope")
@@ -88,8 +89,29 @@ class Detector(ABC):
         Inductive methods score equal-size batches independently; transductive methods
         (which score images against each other, e.g. MuSc) override this to see them all.
         """
+        if self.preprocess.tile is not None:
+            for s in samples:
+                yield [s], self.predict_tiled(s.image, batch_size)
+            return
         for b in batches(iter(samples), batch_size):
             yield b, self.predict(torch.stack([s.image for s in b]))
+
+    def predict_tiled(self, image: torch.Tensor, batch_size: int = 8) -> Prediction:
+        """Score one scaled image 3 x H x W through its tiles: the tile maps are stitched
+        into one H x W map and the image score is `score_map` of that map."""
+        tiles = boxes(image.shape[-2], image.shape[-1], self.preprocess)
+        maps = torch.cat([self.predict(x).maps for x in cut(image, tiles).split(batch_size)])
+        return self.stitched(maps, tiles, tuple(image.shape[-2:]))
+
+    def stitched(self, maps: torch.Tensor, tiles: Sequence[Box], size: tuple[int, int]) -> Prediction:
+        """A Prediction for one image from its tiles' maps."""
+        full = stitch(maps, tiles, size, self.preprocess)
+        return Prediction(self.score_map(full)[None], full[None])
+
+    def score_map(self, amap: torch.Tensor) -> torch.Tensor:
+        """An image's score from its stitched map (tiled models): the map's maximum, as the
+        patch methods' own image scores are. Methods with another rule override this."""
+        return amap.max()
 
     def fit_scored(
         self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
@@ -103,7 +125,7 @@ class Detector(ABC):
         """
         n = len(records)
         if n < 2:
-            self.fit(iter_samples(records, self.preprocess), progress=progress)
+            self.fit(training_samples(records, self.preprocess), progress=progress)
             return None
         k = min(folds, n)
         fold = np.random.default_rng(seed).permutation(n) % k
@@ -111,13 +133,13 @@ class Detector(ABC):
         for f in range(k):
             inside = [r for r, g in zip(records, fold, strict=True) if g != f]
             out = np.nonzero(fold == f)[0]
-            twin = type(self)(**self.config()).fit(iter_samples(inside, self.preprocess))
+            twin = type(self)(**self.config()).fit(training_samples(inside, self.preprocess))
             for _, pred in twin.predict_samples(iter_samples([records[i] for i in out], self.preprocess)):
                 parts.append(NormalScores.summarize(pred))
             order.extend(out.tolist())
             if progress:
                 progress("cross-fit", f + 1, k)
-        self.fit(iter_samples(records, self.preprocess), progress=progress)
+        self.fit(training_samples(records, self.preprocess), progress=progress)
         return NormalScores.collect(parts, order, f"{k}-fold cross-fitting")
 
     def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
@@ -148,6 +170,9 @@ class Detector(ABC):
     def info(self) -> dict[str, Any]:
         """Facts about the fitted model worth recording (weights hash, sizes, timings)."""
         return {}
+
+    # Why a method cannot score through tiles (None: it can; see `predict_tiled`).
+    tiling_refusal: ClassVar[str | None] = None
 
     # Why `export_graph` refuses, for methods that do not override it.
     export_refusal: ClassVar[str] = "its scoring has not been written as a single tensor graph"
@@ -273,6 +298,8 @@ class CNNDetector(Detector):
         self.backbone_name, self.weights = backbone, weights
         self.stages = default_stages(backbone) if stages is None else tuple(stages)
         self.preprocess = Preprocess(**(preprocess or {}))
+        if self.preprocess.tile is not None and self.tiling_refusal is not None:
+            raise ConfigError(f"{self.name} cannot tile images: {self.tiling_refusal}. Drop --tile.")
         self.sigma = sigma
         self._backbone: nn.Module | None = None
 

@@ -38,6 +38,7 @@ class MuSc(CNNDetector):
     name = "musc"
     export_refusal: ClassVar[str] = "it scores the test images against each other (transductive), so no single image has a score a graph could compute"
     needs_training_images: ClassVar[bool] = False
+    tiling_refusal: ClassVar[str | None] = "it scores whole images against each other (transductive)"
 
     def __init__(
         self,

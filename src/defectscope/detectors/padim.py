@@ -135,6 +135,8 @@ class PaDiM(CNNDetector):
         gives the squared distance (n / (n - 1))^2 q / (1 - a q). One more inversion per
         position and one more backbone pass; cross-fitting on 4/5 of the images instead
         overestimates held-out distances (a covariance from fewer images)."""
+        if self.preprocess.tile is not None:  # leaving one tile out would leave its overlapping neighbours in
+            return super().fit_scored(records, folds=folds, seed=seed, progress=progress)
         n, mean, scatter = self._accumulate(iter_samples(records, self.preprocess), 0, None, None, progress)
         if mean is None:
             raise ConfigError("PaDiM got no training images.")

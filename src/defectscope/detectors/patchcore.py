@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import groupby
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
 
 from defectscope.ann import AnnIndex, check_params
-from defectscope.data.datasets import Record, Sample, batches, iter_samples
+from defectscope.data.datasets import Record, Sample, batches
+from defectscope.data.tiles import boxes, training_samples
 from defectscope.detectors.base import (
     CNNDetector,
     NormalScores,
@@ -43,6 +46,18 @@ from defectscope.features import flatten_patches, patch_features
 from defectscope.memory import Index, covering_radius, greedy_coreset
 
 RADIUS_SAMPLE = 16384  # training patches on which the coreset's covering radius is measured
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """One training sample's place in the bank: its image, feature grid and input size
+    (and the scaled image's size, which differs for tiles)."""
+
+    image: int
+    h: int
+    w: int
+    size: tuple[int, int]
+    image_size: tuple[int, int]
 
 
 @register
@@ -134,19 +149,21 @@ class PatchCore(CNNDetector):
         """Locally aware patch features N x D x h x w."""
         return patch_features(self.backbone(x), self.patch_size, self.dim)
 
-    def _collect(
-        self, images: Iterable[Sample], progress: Progress | None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, tuple[int, int]]]]:
-        """All patch features (rows), the training image each row came from, and per image
-        its feature grid and input size."""
+    def _collect(self, images: Iterable[Sample], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor, list[_Grid]]:
+        """All patch features (rows), the training image each row came from (tiles of one
+        image share its index), and per sample its feature grid."""
         feats, owners, grids = [], [], []
+        path, image = None, -1
         for batch in batches(iter(images), self.batch_size):
             x = torch.stack([s.image for s in batch])
             fmap = self.embed(x)
             h, w = fmap.shape[-2:]
             feats.append(flatten_patches(fmap))
-            owners.append(torch.arange(len(grids), len(grids) + len(batch)).repeat_interleave(h * w))
-            grids += [(h, w, tuple(x.shape[-2:]))] * len(batch)
+            for s in batch:
+                image += s.path != path
+                path = s.path
+                grids.append(_Grid(image, h, w, tuple(x.shape[-2:]), s.geometry.input))
+            owners.append(torch.tensor([g.image for g in grids[-len(batch) :]]).repeat_interleave(h * w))
             if progress:
                 progress("features", len(grids), 0)
         if not feats:
@@ -165,9 +182,7 @@ class PatchCore(CNNDetector):
         self.radius = 0.0 if full else covering_radius(bank, keep, max_rows=RADIUS_SAMPLE, seed=self.seed)
         return keep
 
-    def _fit_bank(
-        self, images: Iterable[Sample], progress: Progress | None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, tuple[int, int]]], torch.Tensor]:
+    def _fit_bank(self, images: Iterable[Sample], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor, list[_Grid], torch.Tensor]:
         """Build the bank; return the full patch features, their owners, grids and kept rows."""
         t0 = time.perf_counter()
         bank, owner, grids = self._collect(images, progress)
@@ -178,7 +193,8 @@ class PatchCore(CNNDetector):
             "features_s": t1 - t0,
             "coreset_s": time.perf_counter() - t1 - self.timings["index_s"],
             "patches": float(bank.shape[0]),
-            "images": float(len(grids)),
+            "images": float(grids[-1].image + 1),
+            "tiles": float(len(grids)),
         })
         return bank, owner, grids, keep
 
@@ -193,26 +209,37 @@ class PatchCore(CNNDetector):
     ) -> NormalScores | None:
         """Fit, then score every training image leaving it out: its patches are searched in
         the bank without the entries that came from that image (exact leave-one-out with
-        the whole bank, as in few-shot use; with a coreset, the coreset minus its entries).
-        Costs one scoring pass over the training patches and no second backbone pass."""
-        bank, owner, grids, keep = self._fit_bank(iter_samples(records, self.preprocess), progress)
+        the whole bank, as in few-shot use; with a coreset, the coreset minus its entries;
+        with tiling, without the entries of any of its tiles, its tile maps stitched as at
+        predict time). Costs one scoring pass over the training patches and no second
+        backbone pass."""
+        bank, owner, grids, keep = self._fit_bank(training_samples(records, self.preprocess), progress)
         t0 = time.perf_counter()
         kept_owner = owner[keep]
         parts, order = [], []
-        for i, (h, w, size) in enumerate(grids):
+        starts = [0]
+        for g in grids:
+            starts.append(starts[-1] + g.h * g.w)
+        n_images = grids[-1].image + 1
+        for i, group in groupby(range(len(grids)), key=lambda k: grids[k].image):
             others = kept_owner != i
             if not others.any():
                 continue  # every bank entry came from this image: nothing to compare it with
+            mine = list(group)
             sub = self.bank[others]
             index = Index(sub, self.knn_backend)
-            query = bank[owner == i]
+            query = bank[starts[mine[0]] : starts[mine[-1] + 1]]
             dist = index.nearest_distances(query)
-            maps = patch_scores_to_maps(dist.view(1, h, w), size, self.sigma)
-            score = self._image_scores(query[None], dist[None], sub, index)
-            parts.append(NormalScores.summarize(Prediction(score, maps)))
+            g = grids[mine[0]]
+            maps = patch_scores_to_maps(dist.view(len(mine), g.h, g.w), g.size, self.sigma)
+            if self.preprocess.tile is None:
+                pred = Prediction(self._image_scores(query[None], dist[None], sub, index), maps)
+            else:
+                pred = self.stitched(maps, boxes(*g.image_size, self.preprocess), g.image_size)
+            parts.append(NormalScores.summarize(pred))
             order.append(i)
             if progress:
-                progress("normal scores", i + 1, len(grids))
+                progress("normal scores", i + 1, n_images)
         self.timings["normal_scores_s"] = time.perf_counter() - t0
         return NormalScores.collect(parts, order, "leave-one-image-out") if len(order) >= 2 else None
 

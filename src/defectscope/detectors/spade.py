@@ -147,6 +147,8 @@ class SPADE(CNNDetector):
     ) -> NormalScores | None:
         """Fit, then score each training image leaving it out of its own K nearest images
         (and so of its pixel gallery): exact leave-one-out, one more pass over the images."""
+        if self.preprocess.tile is not None:  # leaving one tile out would leave its overlapping neighbours in
+            return super().fit_scored(records, folds=folds, seed=seed, progress=progress)
         self.fit(iter_samples(records, self.preprocess), progress=progress)
         if len(records) < 2:
             return None

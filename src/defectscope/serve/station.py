@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import load_image
+from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError
 from defectscope.explain import make_finding
@@ -275,7 +276,7 @@ class Station:
             if label != "normal" or previous == "normal":
                 return result, None
             detector = load_detector(self.current.path)  # a private copy: the served one is never mutated
-            change = detector.add_normals(iter_samples([Record(self.store.root / result.image_file)], detector.preprocess))
+            change = detector.add_normals(training_samples([Record(self.store.root / result.image_file)], detector.preprocess))
             new = self._switch(detector, self.current.extra, f"good part {result_id}: {change}")
             return result, {"version": new.version, **change}
 
