@@ -10,6 +10,7 @@ import pytest
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 BATTERY = DATASETS / "battery_weld"
 MAGNETIC = DATASETS / "magnetic_tile"
+BSDATA = DATASETS / "bsdata"
 
 
 def require(path: Path) -> Path:
@@ -26,6 +27,11 @@ def battery() -> Path:
 @pytest.fixture(scope="session")
 def magnetic() -> Path:
     return require(MAGNETIC)
+
+
+@pytest.fixture(scope="session")
+def bsdata() -> Path:
+    return require(BSDATA)
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
 from defectscope.features import flatten_patches
-from defectscope.memory import covering_radius, greedy_coreset, has_faiss, knn
+from defectscope.memory import _lazy_cell_greedy, _partition, covering_radius, greedy_coreset, has_faiss, knn
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,28 @@ def test_coreset_covers_better_than_random_and_is_seeded(real_features: torch.Te
     assert covering_radius(x, a) < 0.8 * covering_radius(x, rand)
     exact = greedy_coreset(x, n, seed=0, precision="float32")
     assert covering_radius(x, a) < 1.1 * covering_radius(x, exact)
+
+
+def test_lazy_cells_choose_what_the_plain_greedy_loop_chooses(real_features: torch.Tensor) -> None:
+    """The lazy cell greedy is exact: started from the same seed rows, the plain loop over
+    all rows picks the same centres in the same order (float32, so no rounding ties)."""
+    x = real_features
+    n, n_cells = len(x) // 20, 24
+    cells = _partition(x, n_cells, seed=3)
+    lazy = _lazy_cell_greedy(x, n, cells, neighbours=2, progress=None)
+    seeds = cells.order[cells.seeds]
+    min_d = torch.cdist(x, x[seeds]).min(1).values ** 2
+    d = torch.empty(len(x))
+    plain = seeds.tolist()
+    while len(plain) < n:
+        plain.append(int(torch.argmax(min_d)))
+        torch.minimum(min_d, ((x - x[plain[-1]]) ** 2).sum(1), out=d)
+        min_d = d.clone()
+    assert lazy.tolist()[:n_cells] == plain[:n_cells]
+    assert (torch.tensor(plain) == lazy).float().mean() > 0.98  # float ties aside
+    assert abs(covering_radius(x, lazy) - covering_radius(x, torch.tensor(plain))) < 1e-3 * covering_radius(x, lazy)
+    auto = greedy_coreset(x, n, cell_rows=len(x) // 16)  # 16 cells: the lazy path
+    assert covering_radius(x, auto) < 1.02 * covering_radius(x, greedy_coreset(x, n, cell_rows=None))
 
 
 def test_bad_requests() -> None:
