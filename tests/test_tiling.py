@@ -5,16 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import paste_defect
 
+from defectscope import pipeline
 from defectscope.artifacts import load_detector, save_detector
 from defectscope.data.datasets import Dataset, iter_samples, load_dataset
 from defectscope.data.images import Preprocess
 from defectscope.data.tiles import boxes, starts, stitch, training_samples
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError, DataError
+from defectscope.export import export_model
+from defectscope.runtimes import ExportedModel
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(1130, 256, 0.25), (460, 256, 0.5), (257, 256, 0.0), (200, 256, 0.25), (544, 224, 0.25)])
@@ -73,7 +77,7 @@ def test_small_pasted_defect_is_found_at_its_place_with_tiles_and_weaker_without
     native = [s.image for s in iter_samples(goods, Preprocess(tile=256))]
     pasted, mask = paste_defect(native[0], crop, seed=3)
     margins = {}
-    for name, pre in (("whole", {}), ("tiled", {"tile": 256})):
+    for name, pre in (("whole", {}), ("tiled", {"tile": 512})):
         det = make_detector("patchcore", preprocess=pre, coreset_ratio=0.02)
         det.fit(training_samples(bs.train[:5], det.preprocess))
         images = [det.preprocess.image(x.permute(1, 2, 0).numpy())[0] for x in [pasted, *native[1:]]]
@@ -101,6 +105,22 @@ def test_tiled_model_file_records_the_tiling_and_scores_alike(bs: Dataset, tmp_p
     (_, a), (_, b) = next(det.predict_samples([sample])), next(back.predict_samples([sample]))
     assert torch.equal(a.maps, b.maps) and torch.equal(a.scores, b.scores)
     assert a.maps.shape[-2:] == sample.image.shape[-2:]
+
+
+def test_exported_tiled_model_scores_as_torch(bs: Dataset, tmp_path: Path) -> None:
+    """The graph takes one tile; the runtime cuts and stitches through the same code."""
+    fitted = pipeline.fit(make_detector("patchcore", preprocess={"tile": 128, "scale": 0.3}, coreset_ratio=0.1), bs.train[:4])
+    model = save_detector(fitted.detector, tmp_path / "tiled.dscope", extra=fitted.extra())
+    onnx_file = export_model(model, tmp_path / "tiled.onnx", "onnx")[0]
+    records = [bs.test[0], bs.test[-1]]
+    ref = list(pipeline.score_samples(load_detector(model), iter_samples(records, fitted.detector.preprocess)))
+    runtime = ExportedModel(onnx_file)
+    got = list(pipeline.score_samples(runtime, iter_samples(records, runtime.preprocess)))
+    for (_, s_ref, m_ref), (_, s_got, m_got) in zip(ref, got, strict=True):
+        assert abs(s_got - s_ref) <= 1e-4 * abs(s_ref)
+        assert np.abs(m_got - m_ref).max() <= 1e-3 * (m_ref.max() - m_ref.min())
+    with pytest.raises(ConfigError, match="one tile"):
+        export_model(model, tmp_path / "again.onnx", "onnx", input_size=(128, 128))
 
 
 def test_tiling_refusals() -> None:

@@ -131,7 +131,12 @@ def check_parity(model: Any, x: torch.Tensor, reference: tuple[torch.Tensor, tor
 
 def input_size_for(preprocess: Preprocess, example: str | Path | None, input_size: tuple[int, int] | None) -> tuple[int, int]:
     """The network input (H, W) the graph is fixed to: the model's size x size for letterbox
-    and squash; for aspect models the size an ``example`` camera image gets, or ``input_size``."""
+    and squash; for aspect models the size an ``example`` camera image gets, or ``input_size``;
+    for tiled models one tile (the runtime cuts and stitches as torch does)."""
+    if preprocess.tile is not None:
+        if input_size is not None or example is not None:
+            raise ConfigError(f"This model scores {preprocess.tile} x {preprocess.tile} tiles; the graph takes one tile. Drop --example / --input-size.")
+        return preprocess.tile, preprocess.tile
     if preprocess.resize != "aspect":
         if input_size is not None or example is not None:
             raise ConfigError(f"This model resizes every image to {preprocess.size} x {preprocess.size} ({preprocess.resize}); drop --example / --input-size.")

@@ -126,6 +126,13 @@ class FixedInput(Preprocess):
 
     def geometry(self, h: int, w: int) -> Geometry:
         geo = super().geometry(h, w)
+        if self.tile is not None:
+            if min(geo.input) < self.tile:
+                raise DataError(
+                    f"An image of {h} x {w} pixels becomes {geo.input[0]} x {geo.input[1]} at scale {self.scale:g}, smaller than "
+                    f"one {self.tile} x {self.tile} tile, the only input this exported graph takes; score it with the .dscope model."
+                )
+            return geo
         if geo.input != self.input_size:
             raise DataError(
                 f"An image of {h} x {w} pixels becomes a {geo.input[0]} x {geo.input[1]} input, but this exported graph takes "
