@@ -3,6 +3,7 @@ pasted defect found with tiles, model files that record the tiling."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def test_tiles_cover_the_side_and_overlap_at_least_as_asked(length: int, tile: i
     s = starts(length, tile, overlap)
     assert s[0] == 0 and s == sorted(set(s))
     assert s[-1] + min(tile, length) == length
-    assert all(b - a <= tile * (1 - overlap) for a, b in zip(s, s[1:], strict=False))
+    assert all(b - a <= tile * (1 - overlap) for a, b in pairwise(s))
 
 
 def test_stitching_crops_of_one_map_gives_it_back() -> None:

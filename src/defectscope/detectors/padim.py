@@ -20,7 +20,15 @@ from typing import Any, Self
 import torch
 
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
-from defectscope.detectors.base import CNNDetector, NormalScores, Prediction, Progress, ScoreGraph, patch_scores_to_maps, register
+from defectscope.detectors.base import (
+    CNNDetector,
+    NormalScores,
+    Prediction,
+    Progress,
+    ScoreGraph,
+    patch_scores_to_maps,
+    register,
+)
 from defectscope.errors import ConfigError, DataError
 from defectscope.features import fuse_stages
 
@@ -84,6 +92,12 @@ class PaDiM(CNNDetector):
             self.channels = torch.randperm(total, generator=g)[: self.d].sort().values
         return fused[:, self.channels].permute(0, 2, 3, 1).contiguous()
 
+    def _one_size_hint(self) -> str:
+        """What to change when inputs differ in size (PaDiM models each position)."""
+        if self.preprocess.tile is not None:
+            return f"PaDiM needs tiles of one size: every image must be at least {self.preprocess.tile} px on each side at scale {self.preprocess.scale:g} (use a smaller --tile)"
+        return "PaDiM needs aligned images of one size (resize letterbox or squash)"
+
     def _accumulate(
         self, images: Iterable[Sample], n: int, mean: torch.Tensor | None, scatter: torch.Tensor | None, progress: Progress | None = None
     ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
@@ -91,7 +105,7 @@ class PaDiM(CNNDetector):
         for batch in batches(iter(images), self.batch_size):
             e = self.embed(torch.stack([s.image for s in batch]))
             if mean is not None and e.shape[1:3] != mean.shape[:2]:
-                raise DataError(f"{batch[0].path} has input size {tuple(batch[0].image.shape[1:])}, unlike the others; PaDiM needs one size (resize letterbox or squash).")
+                raise DataError(f"{batch[0].path} has input size {tuple(batch[0].image.shape[1:])}, unlike the others; {self._one_size_hint()}.")
             nb = e.shape[0]
             mb = e.mean(0)
             centred = e - mb
@@ -175,7 +189,7 @@ class PaDiM(CNNDetector):
     def predict(self, batch: torch.Tensor) -> Prediction:
         e = self.embed(batch)
         if e.shape[1:3] != self.mean.shape[:2]:
-            raise DataError(f"Input size {tuple(batch.shape[-2:])} differs from the training size; PaDiM needs aligned images of one size.")
+            raise DataError(f"Input size {tuple(batch.shape[-2:])} differs from the training size; {self._one_size_hint()}.")
         diff = (e - self.mean).permute(1, 2, 0, 3)  # h x w x n x d: one batched product per position
         inv = self.inv_cov.float()
         dist = ((diff @ inv) * diff).sum(-1).permute(2, 0, 1).clamp(min=0).sqrt()

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import time
-from itertools import groupby
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, ClassVar, Self
 
 import torch
