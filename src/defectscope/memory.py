@@ -297,10 +297,11 @@ def greedy_coreset(
     None, the default, or not smaller than the feature size). A projection makes each step
     cheaper for wide features but distorts the distances the greedy maximises: at 32k of
     PatchCore's 152-d patches, selection after a 128-d projection left a 9% larger
-    covering radius in the real space than selection without one, in the same time. Only a running vector of min-distances is
-    kept, never an N x N matrix. The loop is bound by reading the N x proj_dim matrix once
-    per centre, so ``precision="bfloat16"`` (the default) stores the centred, projected rows
-    in bfloat16: half the memory traffic and a faster kernel on CPUs, at a relative
+    covering radius in the real space than selection without one, in the same time.
+
+    Only a running vector of min-distances is kept, never an N x N matrix. The loop is
+    bound by reading the N x d matrix once per centre, so ``precision="bfloat16"`` (the
+    default) stores the centred (projected) rows in bfloat16: half the memory traffic and a faster kernel on CPUs, at a relative
     distance error of about 2^-8 (benchmarks/patchcore_speed.py reports the covering radius
     it reaches against float32 selection). ``precision="float32"`` is exact.
 
