@@ -96,6 +96,7 @@ def main() -> None:
     print(f"{full.shape[0]:,} real patch features ({full.shape[1]}-d), selecting {args.ratio:.0%}\n")
     print("| rows | chosen | implementation | seconds | covering radius | vs exact |")
     print("|---|---|---|---|---|---|")
+    gave_up = None  # anomalib's size that ran out of time: larger ones are not tried
     for size in [int(s) for s in args.sizes.split(",")]:
         pick = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(0))[: min(size, full.shape[0])]
         x = full[pick].contiguous()
@@ -114,9 +115,12 @@ def main() -> None:
             exact_r = r if name == "exact greedy" else exact_r
             rel = "-" if exact_r is None else f"{r / exact_r:.3f}"
             print(f"| {x.shape[0]:,} | {n:,} | {name} | {s:.1f} | {r:.2f}{note} | {rel} |", flush=True)
-        if args.anomalib_python:
+        if args.anomalib_python and gave_up is not None:
+            print(f"| {x.shape[0]:,} | {n:,} | anomalib KCenterGreedy | not run (stopped at {gave_up:,} rows) | - | - |", flush=True)
+        elif args.anomalib_python:
             got = run_anomalib(args.anomalib_python, x, n / x.shape[0], args.anomalib_timeout)
             if got is None:
+                gave_up = x.shape[0]
                 print(f"| {x.shape[0]:,} | {n:,} | anomalib KCenterGreedy | > {args.anomalib_timeout:.0f} (stopped) | - | - |", flush=True)
             else:
                 r, note = radius(x, got[1])
