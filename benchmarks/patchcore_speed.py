@@ -125,7 +125,7 @@ def main() -> None:
             f"{r['backbone_ms']:.1f} | {r['scoring_ms']:.1f} | {r['scoring_ms'] / r['backbone_ms']:.2f} | {r['peak_rss_mb']:.0f} |",
             flush=True,
         )
-    print("\nGreedy coreset alone: 3,276 of 32,768 real patch features (152-d, projected to 128)\n")
+    print("\nGreedy coreset alone: 3,276 of 32,768 real patch features (152-d; benchmarks/coreset.py: larger sizes)\n")
     print("| implementation | seconds | covering radius (full 152-d) |")
     print("|---|---|---|")
     rows = coreset_comparison(args.data, args.anomalib_python)
