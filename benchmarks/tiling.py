@@ -23,11 +23,12 @@ from pathlib import Path
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-def run_one(data: str, scale: float | None, tile: int | None, metric_size: int) -> dict:
+def run_one(data: str, scale: float | None, tile: int | None, metric_size: int, proj_dim: int | None) -> dict:
     from defectscope.detectors import make_detector
     from defectscope.evaluate import evaluate
 
-    det = make_detector("patchcore", preprocess={} if tile is None else {"tile": tile, "scale": scale})
+    pre = {} if tile is None else {"tile": tile, "scale": scale}
+    det = make_detector("patchcore", preprocess=pre, proj_dim=proj_dim)
     result = evaluate(det, data, metric_size=None if tile is None else metric_size)
     r, c = result.overall, result.cost
     return {**{k: r[k] for k in ("image_auroc", "pixel_auroc", "aupro")}, **c, "bank_rows": det.bank.shape[0]}
@@ -38,11 +39,13 @@ def main() -> None:
     ap.add_argument("--datasets", default="bsdata,magnetic_tile,battery_weld")
     ap.add_argument("--settings", default="0.5:256,1:512", help="comma-separated SCALE:TILE")
     ap.add_argument("--metric-size", type=int, default=640)
+    ap.add_argument("--proj-dim", default="128", help="PatchCore's coreset projection; 'none' selects in the full space")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one is not None:
         data, scale, tile = json.loads(args._one)
-        print(json.dumps(run_one(data, scale, tile, args.metric_size)))
+        proj = None if args.proj_dim.lower() == "none" else int(args.proj_dim)
+        print(json.dumps(run_one(data, scale, tile, args.metric_size, proj)))
         return
     print("| dataset | setting | image AUROC | pixel AUROC | AUPRO | fit s | predict ms/img | peak RSS MB | bank |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -55,7 +58,7 @@ def main() -> None:
             label = "default (long side 256)" if tile is None else f"scale {scale:g}, tile {tile}"
             one = json.dumps([str(DATASETS / name), scale, tile])
             out = subprocess.run(
-                [sys.executable, __file__, "--_one", one, "--metric-size", str(args.metric_size)],
+                [sys.executable, __file__, "--_one", one, "--metric-size", str(args.metric_size), "--proj-dim", args.proj_dim],
                 capture_output=True, text=True, check=False,
             )
             if out.returncode != 0:

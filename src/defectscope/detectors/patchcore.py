@@ -72,7 +72,7 @@ class PatchCore(CNNDetector):
         self,
         *,
         coreset_ratio: float = 0.01,
-        proj_dim: int | None = None,
+        proj_dim: int | None = 128,
         patch_size: int = 3,
         dim: int | None = None,
         num_neighbors: int = 9,
