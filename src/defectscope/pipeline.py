@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset, load_folder, training_records
+from defectscope.data.datasets import Record, Sample, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES, to_original
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress
