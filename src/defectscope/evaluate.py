@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from defectscope.data.datasets import Dataset, Record, iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
-from defectscope.data.images import crop_content
+from defectscope.data.images import Geometry, Preprocess, crop_content
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
 from defectscope.errors import DataError
@@ -129,8 +129,7 @@ def shrink(amap: np.ndarray, mask: np.ndarray | None, long_side: int | None) -> 
     small = F.interpolate(torch.from_numpy(amap)[None, None], size=size, mode="area")[0, 0].numpy()
     if mask is None:
         return small, None
-    m = F.interpolate(torch.from_numpy(mask.astype(np.uint8))[None, None].float(), size=size, mode="nearest-exact")
-    return small, m[0, 0].numpy() > 0.5
+    return small, Preprocess.mask(mask, Geometry((h, w), (0, 0, *size), size)).numpy()
 
 
 def score_records(

@@ -148,11 +148,18 @@ MIN_CELLS = 16  # below this many cells (65k rows) the plain loop is faster than
 LAZY_TOLERANCE = 1e-3  # relative: a bound this close to the true distance counts as exact (bfloat16 sums)
 
 
+def _lower(min_d: torch.Tensor, rows: torch.Tensor, rows_sq: torch.Tensor, centre: torch.Tensor, centre_sq: torch.Tensor, buf: torch.Tensor) -> None:
+    """min_d = min(min_d, ||rows - centre||^2) in place: one matrix-vector product in the
+    rows' dtype, squared norms and the minimum in float32 (``buf``: scratch of min_d's size)."""
+    torch.add(rows_sq, torch.mv(rows, centre).float(), alpha=-2.0, out=buf)
+    buf += centre_sq
+    torch.minimum(min_d, buf, out=min_d)
+
+
 def _greedy_loop(
     x: torch.Tensor, n: int, first: int, progress: Callable[[int, int], None] | None
 ) -> torch.Tensor:
-    """Greedy k-center: per new centre one matrix-vector product over all rows (x's dtype),
-    squared norms and the running minimum in float32."""
+    """Greedy k-center: per new centre one `_lower` pass over all rows."""
     sq = (x.float() ** 2).sum(1)
     min_d = torch.full((x.shape[0],), float("inf"))
     dist = torch.empty(x.shape[0])
@@ -160,9 +167,7 @@ def _greedy_loop(
     idx, step = first, max(1, n // 100)
     for i in range(n):
         chosen[i] = idx
-        torch.add(sq, torch.mv(x, x[idx]).float(), alpha=-2.0, out=dist)
-        dist += sq[idx]
-        torch.minimum(min_d, dist, out=min_d)
+        _lower(min_d, x, sq, x[idx], sq[idx], dist)
         idx = int(torch.argmax(min_d))
         if progress is not None and (i % step == 0 or i == n - 1):
             progress(i + 1, n)
@@ -226,11 +231,8 @@ class _CellState:
         lo, hi = self.off[j], self.off[j + 1]
         if hi == lo:
             return
-        dist = self._buf[: hi - lo]
-        torch.add(self.sq[lo:hi], torch.mv(self.xs[lo:hi], centre).float(), alpha=-2.0, out=dist)
-        dist += centre_sq
         seg = self.min_d[lo:hi]
-        torch.minimum(seg, dist, out=seg)
+        _lower(seg, self.xs[lo:hi], self.sq[lo:hi], centre, centre_sq, self._buf[: hi - lo])
         self._refresh(j, seg)
 
 
