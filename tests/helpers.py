@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -41,3 +43,23 @@ def seeded_subset(ds: Dataset, per_defect: int, good: int, train: int | None = N
         test += [group[i] for i in sorted(rng.choice(len(group), n, replace=False))]
     fit = ds.train if train is None or train >= len(ds.train) else [ds.train[i] for i in sorted(rng.choice(len(ds.train), train, replace=False))]
     return Dataset(ds.root, fit, test)
+
+
+def cached_clip_weights(model: str, tag: str, env: str | None = None) -> Path | None:
+    """The open_clip checkpoint for ``model``/``tag``: the file named by the environment
+    variable ``env`` if set, else one in open_clip's caches (no network), else None."""
+    import os
+
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    if env and os.environ.get(env):
+        return Path(os.environ[env])
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    repo = cfg.get("hf_hub", "").rstrip("/")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name) if repo else None
+        if isinstance(found, str):
+            return Path(found)
+    url_file = Path.home() / ".cache" / "clip" / Path(cfg.get("url", "none")).name
+    return url_file if url_file.is_file() else None

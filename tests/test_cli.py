@@ -48,7 +48,7 @@ def test_fit_predict_evaluate(small_mvtec: Path, tmp_path: Path) -> None:
         (("fit", "/no/such/folder"), "not found"),
         (("evaluate", "/no/such/folder"), "not found"),
         (("fit", ".", "--method", "nosuchmethod"), "Unknown method"),
-        (("predict", "/no/model.dscope", "x.png"), "Model file not found"),
+        (("predict", "/no/model.dscope", "x.png"), "Defectscope model file not found"),
         (("fit", ".", "--set", "coreset_ratio=3"), "coreset_ratio"),
     ],
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cached_clip_weights
 
 from defectscope.artifacts import load_detector, save_detector
 from defectscope.backbones.clip import CLIPBackbone, get_clip
@@ -98,21 +99,6 @@ def test_bad_options() -> None:
         make_detector("winclip", **TINY, resize="aspect")
     with pytest.raises(WeightsError, match="not found"):
         make_detector("winclip", clip_model="defectscope-tiny", clip_pretrained="/no/such/clip.bin")
-
-
-def cached_clip_weights(model: str, tag: str) -> Path | None:
-    """The open_clip checkpoint for ``model``/``tag`` if a cache holds it (no network)."""
-    import open_clip
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = open_clip.get_pretrained_cfg(model, tag)
-    repo = cfg.get("hf_hub", "").rstrip("/")
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, name) if repo else None
-        if isinstance(found, str):
-            return Path(found)
-    url_file = Path.home() / ".cache" / "clip" / Path(cfg.get("url", "none")).name
-    return url_file if url_file.is_file() else None
 
 
 def test_real_weights_rank_defective_above_good(magnetic: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from html import escape
+from pathlib import Path
 
 import numpy as np
 
@@ -126,3 +127,33 @@ def histogram(
             f'stroke="{colour}" stroke-width="2" stroke-dasharray="5 3"/>'
         )
     return _svg(parts + _legend(groups, [(c, label) for _, c, label in lines]), title)
+
+
+def loss_curve_png(losses: list[float], path: str | Path, title: str) -> Path:
+    """A training loss curve as a PNG (per-step loss, light; its 20-step moving mean, dark),
+    drawn with Pillow: training writes it next to its output file."""
+    from PIL import Image, ImageDraw
+
+    y = np.asarray(losses, dtype=float)
+    x = np.arange(1, len(y) + 1, dtype=float)
+    lo, hi = (float(y.min()), float(y.max())) if len(y) else (0.0, 1.0)
+    ax = Axes(1.0, float(max(len(y), 2)), lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo) + 1e-9, "step", "loss")
+    scale = 2
+    img = Image.new("RGB", (WIDTH * scale, HEIGHT * scale), "white")
+    draw = ImageDraw.Draw(img)
+    left, right = MARGIN["left"] * scale, (WIDTH - MARGIN["right"]) * scale
+    top, bottom = MARGIN["top"] * scale, (HEIGHT - MARGIN["bottom"]) * scale
+    draw.rectangle([left, top, right, bottom], outline="#888888")
+    window = min(20, max(len(y), 1))
+    mean = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) else y
+    for values, offset, colour in ((y, 0, "#9ecae1"), (mean, window - 1, "#08519c")):
+        if len(values) > 1:
+            points = list(zip((ax.px(x[offset:]) * scale).tolist(), (ax.py(values) * scale).tolist(), strict=True))
+            draw.line(points, fill=colour, width=2)
+    draw.text((left, 8 * scale), title, fill="black")
+    draw.text((left, bottom + 8 * scale), f"step 1 .. {len(y)}", fill="black")
+    draw.text((4, top), f"{hi:.3g}", fill="black")
+    draw.text((4, bottom - 12), f"{lo:.3g}", fill="black")
+    path = Path(path)
+    img.save(path)
+    return path

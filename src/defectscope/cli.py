@@ -84,16 +84,19 @@ def _config(
 
 @contextmanager
 def _progress() -> Iterator[Any]:
-    """A rich progress bar per stage; yields the library's (stage, done, total) callback."""
+    """A rich progress bar per stage; yields the library's (stage, done, total) callback.
+
+    A stage's first word names its bar; the rest is shown beside it (e.g. "train loss 0.41")."""
     with Progress(
         TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bars:
         tasks: dict[str, Any] = {}
 
         def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total or None)
-            bars.update(tasks[stage], completed=done, total=total or None)
+            key = stage.split(" ", 1)[0]
+            if key not in tasks:
+                tasks[key] = bars.add_task(stage, total=total or None)
+            bars.update(tasks[key], completed=done, total=total or None, description=stage)
 
         yield report
 
@@ -388,6 +391,41 @@ def synth(
             f"wrote {out}: train/good {summary.train}, test/good {summary.good}, "
             + ", ".join(f"{k} {v}" for k, v in summary.per_kind.items())
             + (f"; preview {summary.preview}" if summary.preview else "")
+        )
+
+    _run(job)
+
+
+@app.command("train-prompts")
+def train_prompts(
+    aux: Annotated[list[Path], typer.Argument(help="Auxiliary datasets with masks (MVTec layout; e.g. made by `defectscope synth`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The prompts file to write.")],
+    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model name (default: the paper's ViT-L-14-336).")] = None,  # noqa: UP045
+    pretrained: Annotated[Optional[str], typer.Option(help="CLIP weights: an open_clip tag (from its cache) or a weight file (default: openai).")] = None,  # noqa: UP045
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    epochs: Annotated[int, typer.Option(help="Passes over the auxiliary images.")] = 15,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same prompts.")] = 111,
+    cache_gb: Annotated[float, typer.Option(help="Keep the frozen CLIP embeddings in memory up to this size.")] = 4.0,
+    options: Options = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing prompts file.")] = False,
+) -> None:
+    """AnomalyCLIP: learn object-agnostic prompts on images with masks (CLIP stays frozen)."""
+    from defectscope.prompt_learning import train_prompts as run
+
+    def job() -> None:
+        config = {k: v for k, v in _config(0, None, options).items() if k != "preprocess"}
+        config |= {k: v for k, v in (("clip_model", clip), ("clip_pretrained", pretrained)) if v is not None}
+        with _progress() as report:
+            summary = run(
+                [str(a) for a in aux], output, options=config, epochs=epochs, batch_size=batch_size, lr=lr,
+                seed=seed, device=device, cache_gb=cache_gb, overwrite=overwrite, progress=report,
+            )
+        console.print(
+            f"wrote {summary['prompts']} ({summary['images']} images, {summary['steps']} steps, "
+            f"{summary['train_seconds']:.0f} s; loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}); "
+            f"loss curve {summary['loss_curve']}"
         )
 
     _run(job)

@@ -22,7 +22,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from defectscope.artifacts import check_format
+from defectscope.tensorfile import check_format
 from defectscope.data.datasets import Sample
 from defectscope.data.images import Geometry, Preprocess
 from defectscope.detectors.base import Detector, Prediction, Progress

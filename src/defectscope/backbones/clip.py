@@ -5,14 +5,23 @@ k x k window of the patch grid (the other patch tokens dropped; the class token 
 kept token keep their positional embeddings). All windows of one size have the same
 number of tokens, so they run through the transformer as one batch, not one pass each.
 
+DPAM (AnomalyCLIP): from a chosen block on, a second token path accumulates V-V
+self-attention, softmax(v v^T / sqrt(d_head)) v, computed from the same normalised input
+as the block's own Q-K attention; that path skips the MLP and is what the patch maps read,
+while the original path (and so the global embedding) stays exactly CLIP's.
+
+Learned text (AnomalyCLIP): prompt token embeddings given directly, with learned tokens
+replacing positions 1..T of the sequence before each of the text encoder's first blocks.
+
 Weights: ``pretrained`` is an open_clip tag (read from open_clip's cache, downloaded when
-online), a path to a weight file, or "random" (tests only). A missing file is a
-`WeightsError` saying which file to put where.
+online), a path to a weight file, or "random" (tests and timing only; seeded, so the same
+in every process). A missing file is a `WeightsError` saying which file to put where.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Sequence
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -20,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.errors import WeightsError
+from defectscope.tensorfile import content_hash
+
+RANDOM_SEED = 0  # "random" weights (tests, timing) are seeded: the same in every process
 
 
 def _open_clip():  # noqa: ANN202 - the module
@@ -37,8 +49,8 @@ def register_tiny_config() -> str:
 
     _MODEL_CONFIGS["defectscope-tiny"] = {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 96, "layers": 2, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "vision_cfg": {"image_size": 96, "layers": 4, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4},
     }
     del oc
     return "defectscope-tiny"
@@ -57,7 +69,9 @@ class CLIPBackbone(nn.Module):
         self.model_name, self.pretrained = model, pretrained
         try:
             if pretrained == "random":
-                clip = oc.create_model(model, pretrained=None)
+                with torch.random.fork_rng():
+                    torch.manual_seed(RANDOM_SEED)
+                    clip = oc.create_model(model, pretrained=None)
             elif Path(pretrained).suffix in (".bin", ".pt", ".pth", ".safetensors") or Path(pretrained).exists():
                 if not Path(pretrained).is_file():
                     raise WeightsError(f"CLIP weight file not found: {pretrained}.")
@@ -85,9 +99,70 @@ class CLIPBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Input tokens (class + patches, positional embeddings added, ln_pre applied)."""
+        """Input tokens (class + patches, positional embeddings added, ln_pre applied); an
+        input of another size than the model's gets its positional grid resampled (bilinear,
+        as AnomalyCLIP does at 518 px), without changing the model's own weights."""
+        visual = self.clip.visual
         x = (x - self.mean) / self.std
-        return self.clip.visual._embeds(x)
+        if x.shape[-1] == self.image_size and x.shape[-2] == self.image_size:
+            return visual._embeds(x)
+        patches = visual.conv1(x).flatten(2).transpose(1, 2)
+        gh, gw = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        pos = visual.positional_embedding
+        grid = pos[1:].T.reshape(1, -1, self.grid, self.grid)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False).reshape(pos.shape[1], -1).T
+        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+        tokens = torch.cat([cls, patches], dim=1) + torch.cat([pos[:1], grid])
+        return visual.ln_pre(visual.patch_dropout(tokens))
+
+    @cached_property
+    def patch(self) -> int:
+        size = self.clip.visual.patch_size
+        return int(size[0] if isinstance(size, tuple) else size)
+
+    @cached_property
+    def weights_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) over the CLIP model's tensors: what learned prompts record."""
+        return content_hash(self.clip.state_dict(), {})[:16]
+
+    def dpam_encode(self, x: torch.Tensor, layers: Sequence[int], dpam_from: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(global image embeddings N x D as CLIP computes them, projected patch tokens
+        N x G*G x D after each block in ``layers`` (1-based)); blocks from ``dpam_from`` on
+        carry the V-V path, which is what those blocks' outputs are read from."""
+        blocks = self.clip.visual.transformer.resblocks
+        tokens = self._tokens(x)
+        vv: torch.Tensor | None = None
+        outs = []
+        for i, block in enumerate(blocks, start=1):
+            if i >= dpam_from:
+                vv = (tokens if vv is None else vv) + block.ls_1(vv_attention(block.attn, block.ln_1(tokens)))
+            tokens = block(tokens)
+            if i in layers:
+                outs.append(tokens if vv is None else vv)
+        return self._head(tokens[:, 0]), [self._head(o[:, 1:]) for o in outs]
+
+    @property
+    def text_tower(self) -> nn.Module:
+        """The module holding the text transformer (the CLIP itself, or its ``text`` tower)."""
+        return getattr(self.clip, "text", self.clip)
+
+    def encode_learned_text(self, embeds: torch.Tensor, eot: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (P x D, not normalised) of prompt token embeddings P x L x W whose
+        end-of-text tokens sit at ``eot`` (P); ``deep`` (K x T x W) replaces positions 1..T
+        before text blocks 1..K (0-based; block 0 sees ``embeds`` as given)."""
+        tower = self.text_tower
+        blocks = tower.transformer.resblocks
+        if deep.shape[0] >= len(blocks):
+            raise ValueError(f"{deep.shape[0] + 1} learned text layers, but the text encoder has {len(blocks)} blocks.")
+        x = embeds + tower.positional_embedding.to(embeds.dtype)
+        t = deep.shape[1]
+        for i, block in enumerate(blocks):
+            if 1 <= i <= deep.shape[0]:
+                x = torch.cat([x[:, :1], deep[i - 1].expand(x.shape[0], -1, -1), x[:, 1 + t :]], dim=1)
+            x = block(x, attn_mask=tower.attn_mask)
+        x = tower.ln_final(x)[torch.arange(x.shape[0]), eot]
+        proj = tower.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def _head(self, cls: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual
@@ -126,6 +201,17 @@ class CLIPBackbone(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings, one per string."""
         return F.normalize(self.clip.encode_text(self.tokenizer(texts)), dim=-1)
+
+
+def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """V-V self-attention with ``attn``'s own value and output projections: per head,
+    softmax(v v^T / sqrt(d_head)) v, heads merged, then out_proj. x: N x L x C."""
+    n, length, c = x.shape
+    heads = attn.num_heads
+    bias = attn.in_proj_bias[2 * c :] if attn.in_proj_bias is not None else None
+    v = F.linear(x, attn.in_proj_weight[2 * c :], bias).view(n, length, heads, c // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(v, v, v).transpose(1, 2).reshape(n, length, c)
+    return attn.out_proj(out)
 
 
 @lru_cache(maxsize=2)

@@ -323,6 +323,18 @@ class CNNDetector(Detector):
         return {"weights_hash": self.backbone.weights_hash}
 
 
+def square_input(detector: Detector, size: int, resize: str, preprocess: dict[str, Any] | None) -> Preprocess:
+    """The input of a method that runs at one square size of its own (CLIP methods): of the
+    user's ``preprocess`` only ``resize`` is taken; tiling is refused with the method's reason."""
+    given = preprocess or {}
+    if given.get("tile") is not None:
+        raise ConfigError(f"{detector.name} cannot tile images: {detector.tiling_refusal}. Drop --tile.")
+    resize = given.get("resize") or resize
+    if resize not in ("letterbox", "squash"):
+        raise ConfigError("CLIP takes square inputs: resize must be letterbox (keeps the shape) or squash.")
+    return Preprocess(size, resize)
+
+
 def check_ratio(name: str, value: float) -> float:
     """Validate a fraction in (0, 1]."""
     if not 0 < value <= 1:

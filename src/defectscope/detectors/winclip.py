@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 from defectscope.backbones.clip import CLIPBackbone, get_clip
 from defectscope.data.datasets import Sample
-from defectscope.data.images import Preprocess
-from defectscope.detectors.base import Detector, Prediction, Progress, patch_scores_to_maps, register
+from defectscope.detectors.base import Detector, Prediction, Progress, patch_scores_to_maps, register, square_input
 from defectscope.errors import ConfigError
 from defectscope.prompts import prompts
 
@@ -42,6 +41,7 @@ class WinCLIP(Detector):
     name = "winclip"
     export_refusal: ClassVar[str] = "its CLIP text and image towers are not part of the graph export yet"
     needs_training_images: ClassVar[bool] = False
+    tiling_refusal: ClassVar[str | None] = "its windows and image score come from one CLIP input of the model's own size"
 
     def __init__(
         self,
@@ -56,14 +56,11 @@ class WinCLIP(Detector):
         preprocess: dict[str, Any] | None = None,
     ) -> None:
         """``preprocess`` may only choose ``resize``: the input size is the CLIP model's own."""
-        resize = (preprocess or {}).get("resize") or resize
         self.class_name, self.clip_model, self.clip_pretrained = class_name, clip_model, clip_pretrained
         self.window_sizes, self.sigma, self.batch_size = tuple(window_sizes), sigma, batch_size
-        if resize not in ("letterbox", "squash"):
-            raise ConfigError("CLIP takes square inputs: resize must be letterbox (keeps the shape) or squash.")
-        self.resize = resize
         self._clip: CLIPBackbone | None = None
-        self.preprocess = Preprocess(self.clip.image_size, resize)
+        self.preprocess = square_input(self, self.clip.image_size, resize, preprocess)
+        self.resize = self.preprocess.resize
         self.text = torch.empty(0)
         self.memory: dict[str, torch.Tensor] = {}
 
