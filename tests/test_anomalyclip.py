@@ -239,14 +239,14 @@ def test_clear_errors(aux: Path, tmp_path: Path) -> None:
 def test_real_weights_learned_prompts_beat_untrained(aux: Path, battery: Path, tmp_path: Path) -> None:
     """With the paper's CLIP: one epoch on the synthetic magnetic_tile split, then the
     battery_weld test images: learned prompts localise better than the initial ones."""
-    weights = cached_clip_weights("ViT-L-14-336", "openai", env="DEFECTSCOPE_CLIP_VITL14_336")
+    weights = cached_clip_weights("ViT-L-14-336-quickgelu", "openai", env="DEFECTSCOPE_CLIP_VITL14_336")
     if weights is None:
         pytest.skip(
             "real CLIP weights not available here: put ViT-L-14-336px.pt (OpenAI) in ~/.cache/clip/, or "
             "open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_336.openai in the Hugging Face cache, "
             "or name the file in DEFECTSCOPE_CLIP_VITL14_336"
         )
-    opts = {"clip_model": "ViT-L-14-336", "clip_pretrained": str(weights), "image_size": 336}
+    opts = {"clip_model": "ViT-L-14-336-quickgelu", "clip_pretrained": str(weights), "image_size": 336}
     train_prompts([aux], tmp_path / "real.dscope", options=opts, epochs=1, batch_size=8)
     recs = [r for r in load_dataset(battery).test if r.label == 1][:10] + [r for r in load_dataset(battery).test if r.label == 0][:10]
     aurocs = {}

@@ -400,7 +400,7 @@ def synth(
 def train_prompts(
     aux: Annotated[list[Path], typer.Argument(help="Auxiliary datasets with masks (MVTec layout; e.g. made by `defectscope synth`).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The prompts file to write.")],
-    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model name (default: the paper's ViT-L-14-336).")] = None,  # noqa: UP045
+    clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip model name (default: the paper's ViT-L-14-336-quickgelu, OpenAI's activation).")] = None,  # noqa: UP045
     pretrained: Annotated[Optional[str], typer.Option(help="CLIP weights: an open_clip tag (from its cache) or a weight file (default: openai).")] = None,  # noqa: UP045
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     epochs: Annotated[int, typer.Option(help="Passes over the auxiliary images.")] = 15,

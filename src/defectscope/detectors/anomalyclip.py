@@ -19,7 +19,7 @@ and the CLIP weights' hash: loading it with other weights is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -29,8 +29,16 @@ from torch import nn
 
 from defectscope import __version__
 from defectscope.backbones.clip import CLIPBackbone, get_clip
-from defectscope.data.datasets import Sample
-from defectscope.detectors.base import Detector, Prediction, Progress, patch_scores_to_maps, register, square_input
+from defectscope.data.datasets import Record, Sample, iter_samples
+from defectscope.detectors.base import (
+    Detector,
+    NormalScores,
+    Prediction,
+    Progress,
+    patch_scores_to_maps,
+    register,
+    square_input,
+)
 from defectscope.errors import ConfigError, ModelFileError
 from defectscope.tensorfile import NOUNS, read_tensors, write_tensors
 
@@ -40,7 +48,7 @@ PROMPTS_VERSION = 1
 RETRAIN = "learn prompts with `defectscope train-prompts AUX_DATA -o prompts.dscope`"
 UNTRAINED = "untrained"  # prompts=untrained: the seeded initial prompts (a baseline, not the method)
 # The paper's set-up; a prompts file supplies its own (None below = from the file, else these).
-PAPER = {"clip_model": "ViT-L-14-336", "clip_pretrained": "openai", "image_size": 518, "n_ctx": 12, "depth": 9, "n_deep": 4}
+PAPER = {"clip_model": "ViT-L-14-336-quickgelu", "clip_pretrained": "openai", "image_size": 518, "n_ctx": 12, "depth": 9, "n_deep": 4}
 LEARNED = ("normal", "anomalous", "deep")
 NOUNS[PROMPTS_FORMAT] = "prompts"
 
@@ -203,6 +211,15 @@ class AnomalyCLIP(Detector):
         self.source = str(self.prompts)
         self.refresh_text()
         return self
+
+    def fit_scored(
+        self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
+    ) -> NormalScores | None:
+        """Install the prompts and score the normal images: the prompts never saw them, so
+        each score is already out of sample (no cross-fitting needed)."""
+        self.fit(None)
+        parts = [NormalScores.summarize(pred) for _, pred in self.predict_samples(iter_samples(records, self.preprocess), self.batch_size)]
+        return NormalScores.collect(parts, range(len(records)), "zero-shot (the prompts never saw them)") if parts else None
 
     def encode(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised global embeddings N x D and per layer normalised patch embeddings N x G*G x D."""
