@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/defectscope demo --out demo_output
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -35,8 +35,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=111)
+    ap.add_argument("--clip", default="defectscope-small", help="a random-weight test architecture (backbones/clip.py TEST_CONFIGS)")
+    ap.add_argument("--in-sample", action="store_true", help="also score the split the prompts were learned on")
     args = ap.parse_args()
-    options = {"clip_model": "defectscope-tiny", "clip_pretrained": "random", "image_size": args.image_size, "depth": 3}
+    options = {"clip_model": args.clip, "clip_pretrained": "random", "image_size": args.image_size, "depth": 3}
     splits = {}
     for name in ("magnetic_tile", "battery_weld"):
         splits[name] = args.work / f"{name}_synth"
@@ -45,14 +47,16 @@ def main() -> None:
     print("| learned on | tested on | prompts | image AUROC | pixel AUROC | AUPRO | train s | loss first -> last |")
     print("|---|---|---|---|---|---|---|---|")
     for source, target in (("magnetic_tile", "battery_weld"), ("battery_weld", "magnetic_tile")):
-        out = args.work / f"prompts_{source}_s{args.seed}_e{args.epochs}.dscope"
+        out = args.work / f"prompts_{args.clip}_{source}_s{args.seed}_e{args.epochs}.dscope"
         summary = train_prompts([splits[source]], out, options=options, epochs=args.epochs, seed=args.seed, overwrite=True)
-        for label, prompts in (("untrained", "untrained"), ("learned", str(out))):
-            det = AnomalyCLIP(**options, prompts=prompts, seed=args.seed)
-            row = evaluate(det, splits[target]).overall
-            train = f"{summary['train_seconds']:.0f}" if label == "learned" else "-"
-            loss = f"{summary['loss_first']:.3f} -> {summary['loss_last']:.3f}" if label == "learned" else "-"
-            print(f"| {source} synth | {target} synth | {label} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['aupro']:.3f} | {train} | {loss} |")
+        for tested in (target, source) if args.in_sample else (target,):
+            for label, prompts in (("untrained", "untrained"), ("learned", str(out))):
+                det = AnomalyCLIP(**options, prompts=prompts, seed=args.seed)
+                row = evaluate(det, splits[tested]).overall
+                train = f"{summary['train_seconds']:.0f}" if label == "learned" else "-"
+                loss = f"{summary['loss_first']:.3f} -> {summary['loss_last']:.3f}" if label == "learned" else "-"
+                where = f"{tested} synth" + (" (in sample)" if tested == source else "")
+                print(f"| {source} synth | {where} | {label} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['aupro']:.3f} | {train} | {loss} |")
         print(f"loss curve: {summary['loss_curve']}")
 
 

@@ -42,18 +42,28 @@ def _open_clip():  # noqa: ANN202 - the module
     return open_clip
 
 
-def register_tiny_config() -> str:
-    """A tiny randomly initialised CLIP architecture ("defectscope-tiny") for fast tests."""
-    oc = _open_clip()
-    from open_clip.factory import _MODEL_CONFIGS
-
-    _MODEL_CONFIGS["defectscope-tiny"] = {
+TEST_CONFIGS = {
+    # tests: fast, 6 x 6 patches at its own 96 px
+    "defectscope-tiny": {
         "embed_dim": 32,
         "vision_cfg": {"image_size": 96, "layers": 4, "width": 64, "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 4},
-    }
-    del oc
-    return "defectscope-tiny"
+    },
+    # benchmarks with random weights: 8 px patches and a 128-d embedding, still CPU-cheap
+    "defectscope-small": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 96, "layers": 4, "width": 128, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
+    },
+}
+
+
+def register_test_configs() -> None:
+    """Small randomly initialised CLIP architectures (`TEST_CONFIGS`) for tests and benchmarks."""
+    _open_clip()
+    from open_clip.factory import _MODEL_CONFIGS
+
+    _MODEL_CONFIGS.update(TEST_CONFIGS)
 
 
 class CLIPBackbone(nn.Module):
@@ -62,8 +72,8 @@ class CLIPBackbone(nn.Module):
     def __init__(self, model: str = "ViT-B-16-plus-240", pretrained: str = "laion400m_e31") -> None:
         super().__init__()
         oc = _open_clip()
-        if model == "defectscope-tiny":
-            register_tiny_config()
+        if model in TEST_CONFIGS:
+            register_test_configs()
         if model not in oc.list_models():
             raise WeightsError(f"Unknown CLIP model {model!r}; see open_clip.list_models().")
         self.model_name, self.pretrained = model, pretrained
