@@ -154,7 +154,7 @@ class AnomalyCLIP(Detector):
         if prompts not in (None, UNTRAINED):
             self._manifest = read_prompts(prompts)[0]
         given = {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "image_size": image_size, "n_ctx": n_ctx, "depth": depth, "n_deep": n_deep}
-        from_file = {"clip_model": self._manifest.get("clip_model"), "clip_pretrained": self._manifest.get("clip_pretrained"), **self._manifest.get("setup", {})}
+        from_file = {k: self._manifest[k] for k in ("clip_model", "clip_pretrained") if k in self._manifest} | self._manifest.get("setup", {})
         for key, value in given.items():
             setattr(self, key, value if value is not None else from_file.get(key, PAPER[key]))
         self.clip = get_clip(self.clip_model, self.clip_pretrained)
