@@ -22,12 +22,12 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from defectscope.tensorfile import check_format
 from defectscope.data.datasets import Sample
 from defectscope.data.images import Geometry, Preprocess
 from defectscope.detectors.base import Detector, Prediction, Progress
 from defectscope.errors import ConfigError, DataError, ModelFileError
 from defectscope.export import FORMAT, FORMAT_VERSION, META_KEY, file_hash, onnx_graph_hash
+from defectscope.tensorfile import check_format
 
 RUNTIMES = {".onnx": "onnxruntime", ".xml": "openvino"}
 

@@ -101,7 +101,7 @@ class CLIPBackbone(nn.Module):
         self.tokenizer = oc.get_tokenizer(model)
         visual = self.clip.visual
         self.image_size = int(visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size)
-        self.grid = self.image_size // int(visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size)
+        self.grid = self.image_size // self.patch
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
         mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
         std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))

@@ -158,7 +158,10 @@ class AnomalyCLIP(Detector):
         for key, value in given.items():
             setattr(self, key, value if value is not None else from_file.get(key, PAPER[key]))
         self.clip = get_clip(self.clip_model, self.clip_pretrained)
-        blocks = len(self.clip.clip.visual.transformer.resblocks)
+        resblocks = self.clip.clip.visual.transformer.resblocks
+        if not isinstance(resblocks[0].attn, nn.MultiheadAttention) or not self.clip.clip.visual.transformer.batch_first:
+            raise ConfigError(f"AnomalyCLIP's DPAM needs a plain open_clip ViT (standard attention blocks); {self.clip_model} is not one.")
+        blocks = len(resblocks)
         file_layers = from_file.get("layers")
         self.layers = tuple(layers if layers is not None else file_layers or default_layers(blocks))
         self.dpam_from = int(dpam_from if dpam_from is not None else from_file.get("dpam_from") or self.layers[0])
