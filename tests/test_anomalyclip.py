@@ -236,6 +236,24 @@ def test_clear_errors(aux: Path, tmp_path: Path) -> None:
         train_prompts([good_only], tmp_path / "x.dscope", options=TINY, epochs=1)
 
 
+def test_an_unreadable_auxiliary_image_is_skipped_not_fatal(aux: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file whose header reads but whose pixels do not (truncated) is skipped with a
+    warning naming it; training goes on with the rest."""
+    copy = tmp_path / "aux"
+    for f in aux.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(aux)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(aux)).symlink_to(f)
+    victim = min((copy / "test" / "good").iterdir())
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[: len(data) // 3])
+    with caplog.at_level("WARNING", logger="defectscope"):
+        summary = train_prompts([copy], tmp_path / "p.dscope", options=TINY, epochs=1, batch_size=8)
+    assert summary["skipped"] == [str(victim)] and str(victim) in caplog.text
+    assert summary["images"] == len(load_dataset(aux).test) - 1
+
+
 def test_real_weights_learned_prompts_beat_untrained(aux: Path, battery: Path, tmp_path: Path) -> None:
     """With the paper's CLIP: one epoch on the synthetic magnetic_tile split, then the
     battery_weld test images: learned prompts localise better than the initial ones."""

@@ -145,12 +145,25 @@ def train_prompts(
     records = auxiliary_records(datasets)
     cached = cache_bytes(detector, len(records)) <= cache_gb * 2**30
     log.info("AnomalyCLIP: %d auxiliary images; embeddings %s", len(records), "cached" if cached else "recomputed per batch (over --cache-gb)")
+    skipped: dict[str, str] = {}
+
+    def skip(rec: Record, exc: DataError) -> None:
+        if str(rec.path) not in skipped:
+            log.warning("skipped %s: %s", rec.path, exc)
+        skipped[str(rec.path)] = str(exc)
+
     cache: list[Embedded] = []
     if cached:
-        for i, b in enumerate(batches(iter_samples(records, detector.preprocess), 1)):
-            cache.append(_embed(detector, b, dev, torch.float16))
+        kept = []
+        for i, rec in enumerate(records):
+            for b in batches(iter_samples([rec], detector.preprocess, on_error=skip), 1):
+                cache.append(_embed(detector, b, dev, torch.float16))
+                kept.append(rec)
             if progress:
                 progress("embed", i + 1, len(records))
+        records = kept
+    if not records:
+        raise DataError(f"No auxiliary image of {', '.join(map(str, datasets))} could be read; see the warnings above.")
     optimizer = torch.optim.Adam(detector.learner.parameters(), lr=lr, betas=(0.5, 0.999))
     rng = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(records) / batch_size)
@@ -161,7 +174,10 @@ def train_prompts(
             if cached:
                 part = _collate([cache[i] for i in idx])
             else:
-                part = _embed(detector, list(iter_samples([records[i] for i in idx], detector.preprocess)), dev, torch.float32)
+                batch = list(iter_samples([records[i] for i in idx], detector.preprocess, on_error=skip))
+                if not batch:
+                    continue
+                part = _embed(detector, batch, dev, torch.float32)
             loss, _ = anomalyclip_loss(detector.learner(detector.clip), part.image.float(), [p.float() for p in part.patches], part.masks, part.labels)
             optimizer.zero_grad()
             loss.backward()
@@ -183,6 +199,7 @@ def train_prompts(
         "seed": seed,
         "device": device,
         "embeddings_cached": cached,
+        "skipped": sorted(skipped),
         "train_seconds": round(seconds, 2),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,

@@ -170,7 +170,7 @@ class CLIPBackbone(nn.Module):
             if 1 <= i <= deep.shape[0]:
                 x = torch.cat([x[:, :1], deep[i - 1].expand(x.shape[0], -1, -1), x[:, 1 + t :]], dim=1)
             x = block(x, attn_mask=tower.attn_mask)
-        x = tower.ln_final(x)[torch.arange(x.shape[0]), eot]
+        x = tower.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
         proj = tower.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
