@@ -97,6 +97,8 @@ def test_few_shot_memory_and_model_file(tiny: CLIPBackbone, images: torch.Tensor
 def test_bad_options() -> None:
     with pytest.raises(ConfigError, match="square"):
         make_detector("winclip", **TINY, resize="aspect")
+    with pytest.raises(ConfigError, match="winclip cannot tile images"):
+        make_detector("winclip", **TINY, preprocess={"tile": 64})
     with pytest.raises(WeightsError, match="not found"):
         make_detector("winclip", clip_model="defectscope-tiny", clip_pretrained="/no/such/clip.bin")
 
