@@ -71,6 +71,8 @@ NOUNS: dict[str, str] = {}  # format -> what a message calls such a file
 
 
 def manifest_of(path: Path, fmt: str, version: int, fix: str) -> dict[str, Any]:
+    """The manifest of ``path`` (tensors not read), checked to be format ``fmt`` at a version
+    this defectscope reads; messages name the file as ``NOUNS[fmt]`` and end in ``fix``."""
     noun = NOUNS.get(fmt, fmt)
     if not path.is_file():
         raise ModelFileError(f"{noun[0].upper()}{noun[1:]} file not found: {path}; {fix}.")
