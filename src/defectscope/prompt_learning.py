@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.charts import loss_curve_png
-from defectscope.data.datasets import Record, Sample, batches, iter_samples, load_dataset
+from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset
 from defectscope.detectors.anomalyclip import TEMPERATURE, UNTRAINED, AnomalyCLIP, write_prompts
 from defectscope.detectors.base import Progress
 from defectscope.errors import ConfigError, DataError
@@ -107,10 +107,9 @@ def _embed(detector: AnomalyCLIP, batch: list[Sample], device: torch.device, dty
 
 
 def cache_bytes(detector: AnomalyCLIP, n_images: int) -> int:
-    """Bytes to keep every image's embeddings in float16."""
+    """Bytes to keep every image's embeddings in float16 (``detector`` fitted: its text sets D)."""
     grid = detector.image_size // detector.clip.patch
-    dim = int(detector.text.shape[-1]) if detector.text.numel() else detector.clip.clip.visual.output_dim
-    return n_images * (1 + len(detector.layers) * grid * grid) * dim * 2
+    return n_images * (1 + len(detector.layers) * grid * grid) * int(detector.text.shape[-1]) * 2
 
 
 def train_prompts(
@@ -137,27 +136,27 @@ def train_prompts(
         raise ConfigError(f"{out} already exists; choose another name or pass --overwrite.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU here; drop --device to train on the CPU.")
+    records = auxiliary_records(datasets)
     torch.manual_seed(seed)
     detector = AnomalyCLIP(**{**(options or {}), "prompts": UNTRAINED, "seed": seed}).fit(None)
     dev = torch.device(device)
     detector.clip.to(dev)
     detector.learner.to(dev)
-    records = auxiliary_records(datasets)
     cached = cache_bytes(detector, len(records)) <= cache_gb * 2**30
     log.info("AnomalyCLIP: %d auxiliary images; embeddings %s", len(records), "cached" if cached else "recomputed per batch (over --cache-gb)")
-    skipped: dict[str, str] = {}
+    skipped: set[str] = set()
 
     def skip(rec: Record, exc: DataError) -> None:
         if str(rec.path) not in skipped:
             log.warning("skipped %s: %s", rec.path, exc)
-        skipped[str(rec.path)] = str(exc)
+        skipped.add(str(rec.path))
 
     cache: list[Embedded] = []
     if cached:
         kept = []
         for i, rec in enumerate(records):
-            for b in batches(iter_samples([rec], detector.preprocess, on_error=skip), 1):
-                cache.append(_embed(detector, b, dev, torch.float16))
+            for sample in iter_samples([rec], detector.preprocess, on_error=skip):
+                cache.append(_embed(detector, [sample], dev, torch.float16))
                 kept.append(rec)
             if progress:
                 progress("embed", i + 1, len(records))

@@ -151,8 +151,9 @@ class AnomalyCLIP(Detector):
         """Options left None come from the prompts file, else from the paper (`PAPER`)."""
         self.prompts, self.sigma, self.batch_size, self.seed = prompts, sigma, batch_size, seed
         self._manifest: dict[str, Any] = {}
+        self._learned: dict[str, torch.Tensor] = {}  # the prompts file's tensors, read (and checked) once
         if prompts not in (None, UNTRAINED):
-            self._manifest = read_prompts(prompts)[0]
+            self._manifest, self._learned = read_prompts(prompts)
         given = {"clip_model": clip_model, "clip_pretrained": clip_pretrained, "image_size": image_size, "n_ctx": n_ctx, "depth": depth, "n_deep": n_deep}
         from_file = {k: self._manifest[k] for k in ("clip_model", "clip_pretrained") if k in self._manifest} | self._manifest.get("setup", {})
         for key, value in given.items():
@@ -203,14 +204,14 @@ class AnomalyCLIP(Detector):
         if self.prompts is None:
             raise ConfigError(f"AnomalyCLIP needs learned prompts: --set prompts=prompts.dscope ({RETRAIN}), or --set prompts={UNTRAINED} for the untrained initial prompts (a baseline only).")
         if self.prompts != UNTRAINED:
-            manifest, tensors = read_prompts(self.prompts)
-            if manifest.get("clip_weights_hash") != self.clip.weights_hash:
+            learned_on = self._manifest.get("clip_weights_hash")
+            if learned_on != self.clip.weights_hash:
                 raise ModelFileError(
-                    f"{self.prompts} was learned on CLIP {manifest.get('clip_model')} weights {manifest.get('clip_weights_hash')}, "
+                    f"{self.prompts} was learned on CLIP {self._manifest.get('clip_model')} weights {learned_on}, "
                     f"but {self.clip_model}/{self.clip_pretrained} hashes to {self.clip.weights_hash}; load the same weights "
                     "(--set clip_pretrained=FILE) or re-learn the prompts on these."
                 )
-            self.learner.load_learned(tensors, str(self.prompts))
+            self.learner.load_learned(self._learned, str(self.prompts))
         self.source = str(self.prompts)
         self.refresh_text()
         return self

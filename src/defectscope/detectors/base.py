@@ -298,8 +298,7 @@ class CNNDetector(Detector):
         self.backbone_name, self.weights = backbone, weights
         self.stages = default_stages(backbone) if stages is None else tuple(stages)
         self.preprocess = Preprocess(**(preprocess or {}))
-        if self.preprocess.tile is not None and self.tiling_refusal is not None:
-            raise ConfigError(f"{self.name} cannot tile images: {self.tiling_refusal}. Drop --tile.")
+        refuse_tiling(self, self.preprocess.tile)
         self.sigma = sigma
         self._backbone: nn.Module | None = None
 
@@ -323,12 +322,17 @@ class CNNDetector(Detector):
         return {"weights_hash": self.backbone.weights_hash}
 
 
+def refuse_tiling(detector: Detector, tile: int | None) -> None:
+    """A `ConfigError` with the method's reason when tiles are asked of a method that refuses them."""
+    if tile is not None and detector.tiling_refusal is not None:
+        raise ConfigError(f"{detector.name} cannot tile images: {detector.tiling_refusal}. Drop --tile.")
+
+
 def square_input(detector: Detector, size: int, resize: str, preprocess: dict[str, Any] | None) -> Preprocess:
     """The input of a method that runs at one square size of its own (CLIP methods): of the
     user's ``preprocess`` only ``resize`` is taken; tiling is refused with the method's reason."""
     given = preprocess or {}
-    if given.get("tile") is not None:
-        raise ConfigError(f"{detector.name} cannot tile images: {detector.tiling_refusal}. Drop --tile.")
+    refuse_tiling(detector, given.get("tile"))
     resize = given.get("resize") or resize
     if resize not in ("letterbox", "squash"):
         raise ConfigError("CLIP takes square inputs: resize must be letterbox (keeps the shape) or squash.")
