@@ -266,7 +266,8 @@ def test_real_weights_learned_prompts_beat_untrained(aux: Path, battery: Path, t
         )
     opts = {"clip_model": "ViT-L-14-336-quickgelu", "clip_pretrained": str(weights), "image_size": 336}
     train_prompts([aux], tmp_path / "real.dscope", options=opts, epochs=1, batch_size=8)
-    recs = [r for r in load_dataset(battery).test if r.label == 1][:10] + [r for r in load_dataset(battery).test if r.label == 0][:10]
+    test = load_dataset(battery).test
+    recs = [r for r in test if r.label == 1][:10] + [r for r in test if r.label == 0][:10]
     aurocs = {}
     for prompts in ("untrained", str(tmp_path / "real.dscope")):
         det = make_detector("anomalyclip", **opts, prompts=prompts).fit(None)
