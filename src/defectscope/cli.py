@@ -17,6 +17,7 @@ from rich.text import Text
 
 from defectscope import pipeline
 from defectscope.artifacts import load_detector, read_manifest, save_detector
+from defectscope.charts import loss_curve_png
 from defectscope.data.datasets import Record, load_dataset, training_records
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import make_detector, training_options
@@ -161,6 +162,9 @@ def fit(
         save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
         thr = fitted.threshold
         console.print(f"wrote [bold]{output}[/]" + (f"; threshold {thr.value:.4g} ({thr.method})" if thr else ""))
+        curve = fitted.detector.training_curve()
+        if curve is not None:
+            console.print(f"loss curve {loss_curve_png(curve[0], output.with_suffix('.loss.png'), curve[1])}")
 
     _run(job)
 
@@ -371,12 +375,14 @@ def evaluate(
 def synth(
     data: Annotated[Path, typer.Argument(help="Dataset folder (uses train/good) or a folder of normal images.")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the synthetic MVTec-layout dataset.")],
-    kinds: Annotated[str, typer.Option(help="Comma-separated: perlin, cutpaste, scar, scratch, texture, noise, poisson.")] = "perlin,cutpaste,poisson",
+    kinds: Annotated[str, typer.Option(help="Comma-separated: perlin, cutpaste, scar, scratch, texture, noise, poisson, sdas (needs --ddpm), normal (generated normal images; needs --ddpm).")] = "perlin,cutpaste,poisson",
     n: Annotated[int, typer.Option("--n", help="Defective images per kind.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same images.")] = 0,
     textures: Annotated[Optional[Path], typer.Option(help="Folder of texture images (DTD-style) for texture/perlin.")] = None,  # noqa: UP045
     foreground: Annotated[bool, typer.Option(help="Keep defects on the Otsu foreground.")] = False,
     preview: Annotated[Optional[Path], typer.Option(help="Write a contact sheet PNG (original | synthetic | mask).")] = None,  # noqa: UP045
+    ddpm: Annotated[Optional[Path], typer.Option(help="Diffusion model from `train-ddpm`, for kinds sdas and normal.")] = None,  # noqa: UP045
+    strength: Annotated[float, typer.Option(help="SDAS strength s: 0 gives normal-looking samples, larger less normal (paper: 0.1-0.2).")] = 0.15,
 ) -> None:
     """Make a synthetic test split with exact masks from normal images."""
     from defectscope.synthesis.split import make_synthetic_split
@@ -385,7 +391,7 @@ def synth(
         with _progress() as report:
             summary = make_synthetic_split(
                 data, out, kinds=[k.strip() for k in kinds.split(",")], n=n, seed=seed,
-                textures=textures, foreground=foreground, preview=preview, progress=report,
+                textures=textures, foreground=foreground, preview=preview, ddpm=ddpm, strength=strength, progress=report,
             )
         console.print(
             f"wrote {out}: train/good {summary.train}, test/good {summary.good}, "
@@ -426,6 +432,33 @@ def train_prompts(
             f"wrote {summary['prompts']} ({summary['images']} images, {summary['steps']} steps, "
             f"{summary['train_seconds']:.0f} s; loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}); "
             f"loss curve {summary['loss_curve']}"
+        )
+
+    _run(job)
+
+
+@app.command("train-ddpm")
+def train_ddpm(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (uses train/good) or a folder of normal images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The diffusion model file to write.")],
+    size: Annotated[int, typer.Option(help="Image size the model learns (images are squashed to it).")] = 64,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same weights.")] = 0,
+    hflip: Annotated[bool, typer.Option(help="Augment with horizontal flips (only if a mirrored part is still a normal part).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """SDAS: train a small diffusion model (DDPM) on normal images, for `synth --kinds sdas,normal` and RealNet."""
+    from defectscope.diffusion import train_ddpm as run
+
+    def job() -> None:
+        with _progress() as report:
+            summary = run(data, output, size=size, steps=steps, batch_size=batch_size, lr=lr, seed=seed, hflip=hflip,
+                          overwrite=overwrite, progress=report)
+        console.print(
+            f"wrote {summary['ddpm']} ({summary['images']} images at {size} px, {steps} steps, {summary['train_seconds']:.0f} s; "
+            f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}); loss curve {summary['loss_curve']}; samples {summary['samples']}"
         )
 
     _run(job)

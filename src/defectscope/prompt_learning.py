@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.charts import loss_curve_png
-from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset
+from defectscope.data.datasets import Record, Sample, SkipLog, iter_samples, load_dataset
 from defectscope.detectors.anomalyclip import TEMPERATURE, UNTRAINED, AnomalyCLIP, write_prompts
 from defectscope.detectors.base import Progress
 from defectscope.errors import ConfigError, DataError
@@ -144,13 +144,7 @@ def train_prompts(
     detector.learner.to(dev)
     cached = cache_bytes(detector, len(records)) <= cache_gb * 2**30
     log.info("AnomalyCLIP: %d auxiliary images; embeddings %s", len(records), "cached" if cached else "recomputed per batch (over --cache-gb)")
-    skipped: set[str] = set()
-
-    def skip(rec: Record, exc: DataError) -> None:
-        if str(rec.path) not in skipped:
-            log.warning("skipped %s: %s", rec.path, exc)
-        skipped.add(str(rec.path))
-
+    skip = SkipLog()
     cache: list[Embedded] = []
     if cached:
         kept = []
@@ -198,7 +192,7 @@ def train_prompts(
         "seed": seed,
         "device": device,
         "embeddings_cached": cached,
-        "skipped": sorted(skipped),
+        "skipped": sorted(skip.skipped),
         "train_seconds": round(seconds, 2),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,

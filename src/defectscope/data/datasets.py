@@ -248,6 +248,19 @@ def iter_samples(
         yield sample
 
 
+class SkipLog:
+    """An ``on_error`` for `iter_samples` in training: warns once per unreadable file (named)
+    and remembers it, so the run goes on and its summary can list what was left out."""
+
+    def __init__(self) -> None:
+        self.skipped: set[str] = set()
+
+    def __call__(self, rec: Record, exc: DataError) -> None:
+        if str(rec.path) not in self.skipped:
+            log.warning("skipped %s: %s", rec.path, exc)
+        self.skipped.add(str(rec.path))
+
+
 def batches(samples: Iterator[Sample], batch_size: int) -> Iterator[list[Sample]]:
     """Group consecutive samples of equal input size into batches of at most ``batch_size``."""
     batch: list[Sample] = []

@@ -171,6 +171,11 @@ class Detector(ABC):
         """Facts about the fitted model worth recording (weights hash, sizes, timings)."""
         return {}
 
+    def training_curve(self) -> tuple[list[float], str] | None:
+        """(loss per step, title) for a method that trains a network: `defectscope fit` draws
+        it as a PNG next to the model file. None for methods that do not train."""
+        return None
+
     # Why a method cannot score through tiles (None: it can; see `predict_tiled`).
     tiling_refusal: ClassVar[str | None] = None
 

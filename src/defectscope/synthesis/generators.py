@@ -4,7 +4,9 @@ Images are uint8 arrays, H x W (greyscale) or H x W x 3, and keep their mode. Bl
 follows DRAEM / RealNet: A = (1 - M) * I + (1 - delta) * (M * I) + delta * (M * P), with
 opacity delta and source P: another region of the same image (CutPaste and its scar
 variant), a texture image, a colour or noise patch, or, for ``poisson``, another normal
-image cloned in seamlessly (NSA). The returned mask is computed from the written pixels,
+image cloned in seamlessly (NSA), or, for ``sdas``, a sample of a diffusion model of the
+normal images drawn with a perturbed reverse process (RealNet's SDAS, `defectscope.diffusion`),
+placed through a Perlin mask with opacity in [0.5, 1] as the official code does. The returned mask is computed from the written pixels,
 so it is exact after quantisation to uint8.
 """
 
@@ -20,7 +22,7 @@ from scipy.sparse.linalg import splu
 from defectscope.errors import ConfigError
 from defectscope.synthesis.masks import mask_of_kind
 
-KINDS = ("perlin", "cutpaste", "scar", "scratch", "texture", "noise", "poisson")
+KINDS = ("perlin", "cutpaste", "scar", "scratch", "texture", "noise", "poisson", "sdas")
 
 
 def _as3(image: np.ndarray) -> np.ndarray:
@@ -115,23 +117,25 @@ def synthesize(
     foreground: np.ndarray | None = None,
     textures: Sequence[np.ndarray] = (),
     donors: Sequence[np.ndarray] = (),
+    generated: Sequence[np.ndarray] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic defect of ``kind`` on a uint8 image; returns (image, exact mask).
 
     ``foreground`` restricts the region; ``textures`` feed ``texture`` (and ``perlin``
-    when given); ``donors`` (other normal images) feed ``poisson``.
+    when given); ``donors`` (other normal images) feed ``poisson``; ``generated``
+    (perturbed diffusion samples) feed ``sdas``.
     """
     if kind not in KINDS:
         raise ConfigError(f"Unknown defect kind {kind!r}; choose from {', '.join(KINDS)}.")
     shape = image.shape[:2]
     for _ in range(20):
-        out, mask = _draw(image, kind, rng, shape, textures, donors, foreground)
+        out, mask = _draw(image, kind, rng, shape, textures, donors, generated, foreground)
         if mask.any():
             return out, mask
     raise ConfigError(f"Could not place a visible {kind} defect on an image of size {shape} (foreground too small?).")
 
 
-def _draw(image, kind, rng, shape, textures, donors, foreground) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def _draw(image, kind, rng, shape, textures, donors, generated, foreground) -> tuple[np.ndarray, np.ndarray]:
     if kind in ("cutpaste", "scar"):
         if kind == "cutpaste":
             region = _rect_mask(shape, rng, (0.02, 0.15), (0.3, 3.3))
@@ -151,7 +155,11 @@ def _draw(image, kind, rng, shape, textures, donors, foreground) -> tuple[np.nda
         return poisson_clone(image, _shifted(donor, rng), region)
     else:
         region = mask_of_kind("perlin", shape, rng)
-        if kind == "texture" or (kind == "perlin" and textures):
+        if kind == "sdas":
+            if not generated:
+                raise ConfigError("The sdas kind needs samples of a diffusion model (train one with `defectscope train-ddpm`, pass --ddpm).")
+            source = _texture_source(image.shape, generated, rng)
+        elif kind == "texture" or (kind == "perlin" and textures):
             if not textures:
                 raise ConfigError("The texture kind needs a folder of texture images (--textures).")
             source = _texture_source(image.shape, textures, rng)
