@@ -11,7 +11,7 @@ default per-stage ratios) / off (every channel), at ``--ablation-steps`` trainin
 
 Run it alone: two processes on two cores slow each other several-fold.
 
-    python benchmarks/realnet.py [--steps 2000] [--ablation-steps 500] [--skip-ablation] [--skip-main]
+    python benchmarks/realnet.py [--steps 2000] [--ablation-steps 500] [--ablation-pool 1] [--skip-ablation] [--skip-main]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--ddpm-steps", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=None, help="RealNet training steps (default: its own default)")
     ap.add_argument("--ablation-steps", type=int, default=500)
+    ap.add_argument("--ablation-pool", type=int, default=None, help="synthetic copies per image in the ablation (default: RealNet's)")
     ap.add_argument("--datasets", default="magnetic_tile,battery_weld")
     ap.add_argument("--skip-main", action="store_true")
     ap.add_argument("--skip-ablation", action="store_true")
@@ -80,12 +81,13 @@ def main() -> None:
     if not args.skip_ablation:
         name = "magnetic_tile"
         ddpm = ddpms.get(name) or ddpm_for(name, ddpm_dir, args.ddpm_steps)
-        print(f"\nAblation on {name}, {args.ablation_steps} steps each")
+        pool = {} if args.ablation_pool is None else {"pool": args.ablation_pool}
+        print(f"\nAblation on {name}, {args.ablation_steps} steps each" + (f", pool {args.ablation_pool}" if pool else ""))
         print("| synthesis | AFS | channels kept | image AUROC | pixel AUROC | AUPRO | training min |")
         print("|---|---|---|---|---|---|---|")
         for synthesis in ("sdas", "perlin", "cutpaste"):
             for afs, ratio in (("on", {}), ("off", {"afs_ratio": 1.0})):
-                options = {"synthesis": synthesis, "steps": args.ablation_steps, **ratio, **({"ddpm": str(ddpm[0])} if synthesis == "sdas" else {})}
+                options = {"synthesis": synthesis, "steps": args.ablation_steps, **pool, **ratio, **({"ddpm": str(ddpm[0])} if synthesis == "sdas" else {})}
                 r = row("realnet", name, args.work, options)
                 print(f"| {synthesis} | {afs} | {r['info']['afs_channels']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
                       f"{r['aupro']:.3f} | {r['fit_min']:.1f} |", flush=True)
