@@ -31,7 +31,8 @@ def rgb_image(battery: Path) -> np.ndarray:
 @pytest.mark.parametrize("kind", RUNNABLE)
 def test_mask_non_empty_and_exactly_the_changed_pixels(kind: str, grey_images: list[np.ndarray]) -> None:
     base = grey_images[0]
-    out, mask = synthesize(base, kind, np.random.default_rng(1), donors=grey_images[1:], textures=grey_images[1:])
+    others = grey_images[1:]
+    out, mask = synthesize(base, kind, np.random.default_rng(1), donors=others, textures=others, generated=others)
     assert out.shape == base.shape and out.dtype == np.uint8  # greyscale stays greyscale
     assert mask.any()
     assert np.array_equal(mask, out != base)
@@ -68,6 +69,8 @@ def test_bad_kind_and_missing_sources(grey_images: list[np.ndarray]) -> None:
         synthesize(grey_images[0], "lava", np.random.default_rng(0))
     with pytest.raises(ConfigError, match="donor"):
         synthesize(grey_images[0], "poisson", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="train-ddpm"):
+        synthesize(grey_images[0], "sdas", np.random.default_rng(0))
 
 
 def test_synthetic_split_is_a_dataset(magnetic: Path, tmp_path: Path) -> None:
