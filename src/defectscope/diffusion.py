@@ -199,8 +199,7 @@ def train_ddpm(
     }
     core = {"format": DDPM_FORMAT, "format_version": DDPM_VERSION, "unet": config, "betas": list(BETAS),
             "train_steps": TRAIN_STEPS, "training": summary, "defectscope_version": __version__}
-    state = {k: v for k, v in averaged.module.state_dict().items()}
-    write_tensors(out, state, core, overwrite=overwrite)
+    write_tensors(out, averaged.module.state_dict(), core, overwrite=overwrite)
     curve = loss_curve_png(losses, out.with_suffix(".loss.png"), f"DDPM: loss per step ({len(images)} images, {size} px)")
     sheet = preview_sheet(DDPM(averaged.module, core), out.with_suffix(".samples.png"), seed=seed, progress=progress)
     return {**summary, "ddpm": str(out), "loss_curve": str(curve), "samples": str(sheet)}

@@ -294,18 +294,21 @@ class RealNet(CNNDetector):
         return out
 
     def _pool(self, images: Iterable[Sample], progress: Progress | None) -> dict[str, Any]:
-        """Normal features, ``pool`` synthetic copies per image with their masks and features."""
+        """Normal features per stage (n x C x h x w), and ``pool`` synthetic copies per image:
+        their features per stage (pool x n x C x h x w) and masks (pool x n x H x W)."""
         sources = self._sources(progress)
         rng = np.random.default_rng(self.seed)
-        normal: list[list[torch.Tensor]] = []
-        anomalous: list[list[torch.Tensor]] = []
-        masks: list[torch.Tensor] = []
+        stages = range(len(self.stages))
+        normal: list[list[torch.Tensor]] = [[] for _ in stages]
+        anomalous: list[list[list[torch.Tensor]]] = [[[] for _ in stages] for _ in range(self.pool)]
+        masks: list[list[torch.Tensor]] = [[] for _ in range(self.pool)]
         size: tuple[int, int] | None = None
         n = 0
         for batch in batches(iter(images), self.batch_size):
             x = torch.stack([s.image for s in batch])
             size = tuple(x.shape[-2:])
-            normal.append([f.half() for f in self.features(x)])
+            for i, f in enumerate(self.features(x)):
+                normal[i].append(f.half())
             bases = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             for copy in range(self.pool):
                 made = []
@@ -313,32 +316,32 @@ class RealNet(CNNDetector):
                     kind = self.kinds[(n + j + copy) % len(self.kinds)]
                     made.append(synthesize(base, kind, rng, textures=sources["textures"], generated=sources["generated"]))
                 xa = torch.from_numpy(np.stack([m[0] for m in made])).permute(0, 3, 1, 2).float() / 255
-                anomalous.append([f.half() for f in self.features(xa)])
-                masks.append(torch.from_numpy(np.stack([m[1] for m in made])))
+                for i, f in enumerate(self.features(xa)):
+                    anomalous[copy][i].append(f.half())
+                masks[copy].append(torch.from_numpy(np.stack([m[1] for m in made])))
             n += len(batch)
             if progress:
                 progress("synthesise + features", n, 0)
         if n == 0:
             raise ConfigError("RealNet got no training images.")
-        stages = range(len(self.stages))
-        normal_t = [torch.cat([b[i] for b in normal]) for i in stages]
-        # anomalous batches come copy-major within each image batch: reorder to (copy, image)
-        per_copy = [[torch.cat([anomalous[b * self.pool + c][i] for b in range(len(normal))]) for i in stages] for c in range(self.pool)]
-        mask_copy = [torch.cat([masks[b * self.pool + c] for b in range(len(normal))]) for c in range(self.pool)]
-        return {"n": n, "size": size, "normal": normal_t, "anomalous": per_copy, "masks": mask_copy}
+        return {
+            "n": n,
+            "size": size,
+            "normal": [torch.cat(normal[i]) for i in stages],
+            "anomalous": [torch.stack([torch.cat(anomalous[c][i]) for c in range(self.pool)]) for i in stages],
+            "masks": torch.stack([torch.cat(m) for m in masks]),
+        }
 
     def _afs(self, pool: dict[str, Any]) -> list[torch.Tensor]:
         n = pool["n"]
         take = min(self.afs_images, n * self.pool)
         pick = torch.from_numpy(np.random.default_rng(self.seed).permutation(n * self.pool)[:take])
         copy, image = pick // n, pick % n
-        masks = torch.stack([pool["masks"][c][i] for c, i in zip(copy.tolist(), image.tolist(), strict=True)])
-        chosen = []
-        for s in range(len(self.stages)):
-            anomalous = torch.stack([pool["anomalous"][c][s][i] for c, i in zip(copy.tolist(), image.tolist(), strict=True)])
-            errors = afs_errors(anomalous, pool["normal"][s][image], masks, AFS_BATCH)
-            chosen.append(afs_select(errors, self.afs_ratio[s]))
-        return chosen
+        masks = pool["masks"][copy, image]
+        return [
+            afs_select(afs_errors(pool["anomalous"][s][copy, image], pool["normal"][s][image], masks, AFS_BATCH), self.afs_ratio[s])
+            for s in range(len(self.stages))
+        ]
 
     def _select(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [f.index_select(1, c).float() for f, c in zip(feats, self.channels, strict=True)]
@@ -353,10 +356,12 @@ class RealNet(CNNDetector):
         torch.manual_seed(self.seed)
         net = RealNetNetwork([len(c) for c in self.channels], self.rrs_ratio)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.lr, betas=(0.9, 0.999))
-        n, g = pool["n"], torch.Generator().manual_seed(self.seed)
+        n, size, g = pool["n"], pool["size"], torch.Generator().manual_seed(self.seed)
         steps = self.steps if self.epochs is None else self.epochs * math.ceil(n / self.batch_size)
-        normal = [pool["normal"][s][:, c] for s, c in enumerate(self.channels)]
-        anomalous = [[a[s][:, c] for s, c in enumerate(self.channels)] for a in pool["anomalous"]]
+        normal = [f[:, c] for f, c in zip(pool["normal"], self.channels, strict=True)]
+        anomalous = [f[:, :, c] for f, c in zip(pool["anomalous"], self.channels, strict=True)]
+        masks = pool["masks"]
+        del pool  # the unselected channels are not needed any more
         self.losses = []
         net.train()
         t2 = time.perf_counter()
@@ -365,13 +370,10 @@ class RealNet(CNNDetector):
             copy = torch.randint(self.pool, (self.batch_size,), generator=g)
             is_anomalous = torch.rand(self.batch_size, generator=g) < 0.5
             target = [f[idx].float() for f in normal]
-            inputs = []
-            for s in range(len(self.stages)):
-                picked = torch.stack([anomalous[c][s][i] for c, i in zip(copy.tolist(), idx.tolist(), strict=True)]).float()
-                inputs.append(torch.where(is_anomalous[:, None, None, None], picked, target[s]))
-            mask = torch.stack([pool["masks"][c][i] for c, i in zip(copy.tolist(), idx.tolist(), strict=True)])
-            mask = mask & is_anomalous[:, None, None]
-            recon, logits = net(inputs, pool["size"])
+            chosen = is_anomalous[:, None, None, None]
+            inputs = [torch.where(chosen, a[copy, idx].float(), t) for a, t in zip(anomalous, target, strict=True)]
+            mask = masks[copy, idx] & is_anomalous[:, None, None]
+            recon, logits = net(inputs, size)
             feature_loss = sum(F.mse_loss(r, t) for r, t in zip(recon, target, strict=True))
             loss = F.cross_entropy(logits, mask.long()) + feature_loss
             optimizer.zero_grad()
@@ -412,6 +414,7 @@ class RealNet(CNNDetector):
         held = order[: max(1, round(HOLDOUT * n))]
         kept = [records[i] for i in sorted(set(order.tolist()) - set(held.tolist()))]
         self.fit(iter_samples(kept, self.preprocess), progress=progress)
-        parts = [NormalScores.summarize(pred) for _, pred in self.predict_samples(iter_samples([records[i] for i in held], self.preprocess))]
+        unseen = iter_samples([records[i] for i in held], self.preprocess)
+        parts = [NormalScores.summarize(pred) for _, pred in self.predict_samples(unseen)]
         return NormalScores.collect(parts, held.tolist(), f"{len(held)} held-out images ({HOLDOUT:.0%})")
 
