@@ -7,10 +7,13 @@ the table selects 1% of the rows (``--ratio``) and reports seconds and the cover
 in the full 152-d space (max over rows of the distance to the nearest chosen row; at 4M
 rows measured on a seeded sample of 262,144 rows, a lower bound, said in the table).
 
-- exact: greedy k-center over all rows (`greedy_coreset(..., cell_rows=None)`), in the
-  152-d space and, as before this benchmark, after a random projection to 128-d;
+- exact: greedy k-center over all rows (`greedy_coreset(..., cell_rows=None)`: one cell, so
+  every centre reads every row), in the 152-d space and after a random projection to 128-d
+  (PatchCore's default);
 - lazy cells: the default (`greedy_coreset`): the same greedy, centres applied lazily to
-  Voronoi cells of 4k rows (the plain loop below 16 cells);
+  Voronoi cells of 4k rows (at most n / 4 cells), compiled (`defectscope.kcenter`; the
+  first call in a process loads it from numba's cache, timed once before the table);
+  up to 100k rows every implementation runs ``--repeats`` times and the median is shown;
 - anomalib: KCenterGreedy from anomalib (``--anomalib-python``, an interpreter with anomalib
   installed; it runs in its own process) where it finishes within ``--anomalib-timeout``.
 
@@ -25,6 +28,7 @@ import argparse
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,11 +46,14 @@ ANOMALIB_SNIPPET = """
 import sys, time, torch
 from anomalib.models.components.sampling import KCenterGreedy
 x = torch.load(sys.argv[1])
-torch.manual_seed(0)
-sampler = KCenterGreedy(embedding=x, sampling_ratio=float(sys.argv[2]))
-t = time.perf_counter()
-idx = sampler.select_coreset_idxs()
-print(time.perf_counter() - t)
+seconds = []
+for _ in range(int(sys.argv[4])):
+    torch.manual_seed(0)
+    sampler = KCenterGreedy(embedding=x, sampling_ratio=float(sys.argv[2]))
+    t = time.perf_counter()
+    idx = sampler.select_coreset_idxs()
+    seconds.append(time.perf_counter() - t)
+print(sorted(seconds)[len(seconds) // 2])
 torch.save(torch.tensor(idx), sys.argv[3])
 """
 
@@ -70,12 +77,28 @@ def radius(x: torch.Tensor, idx: torch.Tensor) -> tuple[float, str]:
     return covering_radius(x, idx), ""
 
 
-def run_anomalib(python: str, x: torch.Tensor, ratio: float, timeout: float) -> tuple[float, torch.Tensor] | None:
+def repeats_for(rows: int, repeats: int) -> int:
+    """Runs whose median is reported: small sizes take a fraction of a second, where one run
+    on this VM varies up to 2x; large ones run once."""
+    return repeats if rows <= 100_000 else 1
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+    """(median seconds over ``repeats`` runs, the selection)."""
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        idx = fn()
+        seconds.append(time.perf_counter() - t)
+    return sorted(seconds)[len(seconds) // 2], idx
+
+
+def run_anomalib(python: str, x: torch.Tensor, ratio: float, timeout: float, repeats: int) -> tuple[float, torch.Tensor] | None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(x, f"{tmp}/x.pt")
         try:
             out = subprocess.run(
-                [python, "-c", ANOMALIB_SNIPPET, f"{tmp}/x.pt", str(ratio), f"{tmp}/idx.pt"],
+                [python, "-c", ANOMALIB_SNIPPET, f"{tmp}/x.pt", str(ratio), f"{tmp}/idx.pt", str(repeats)],
                 capture_output=True, text=True, check=True, timeout=timeout,
             )
         except subprocess.TimeoutExpired:
@@ -91,9 +114,13 @@ def main() -> None:
     ap.add_argument("--exact-max", type=int, default=500_000, help="largest size at which exact greedy runs")
     ap.add_argument("--anomalib-python", default=None)
     ap.add_argument("--anomalib-timeout", type=float, default=600.0)
+    ap.add_argument("--repeats", type=int, default=5, help="runs per row up to 100k rows; the median is reported")
     args = ap.parse_args()
     full = native_patches(Path(args.data))
     print(f"{full.shape[0]:,} real patch features ({full.shape[1]}-d), selecting {args.ratio:.0%}\n")
+    t = time.perf_counter()
+    greedy_coreset(full[:1000], 10)
+    print(f"first call in this process (numba loads the compiled loop): {time.perf_counter() - t:.2f} s\n")
     print("| rows | chosen | implementation | seconds | covering radius | vs exact |")
     print("|---|---|---|---|---|---|")
     gave_up = None  # anomalib's size that ran out of time: larger ones are not tried
@@ -107,25 +134,24 @@ def main() -> None:
             runs.append(("exact greedy, 128-d projection", lambda x=x, n=n: greedy_coreset(x, n, cell_rows=None, proj_dim=128)))
         runs.append(("lazy cells (default)", lambda x=x, n=n: greedy_coreset(x, n)))
         exact_r = None
+        repeats = repeats_for(x.shape[0], args.repeats)
         for name, fn in runs:
-            t = time.perf_counter()
-            idx = fn()
-            s = time.perf_counter() - t
+            s, idx = timed(fn, repeats)
             r, note = radius(x, idx)
             exact_r = r if name == "exact greedy" else exact_r
             rel = "-" if exact_r is None else f"{r / exact_r:.3f}"
-            print(f"| {x.shape[0]:,} | {n:,} | {name} | {s:.1f} | {r:.2f}{note} | {rel} |", flush=True)
+            print(f"| {x.shape[0]:,} | {n:,} | {name} | {s:.2f} | {r:.2f}{note} | {rel} |", flush=True)
         if args.anomalib_python and gave_up is not None:
             print(f"| {x.shape[0]:,} | {n:,} | anomalib KCenterGreedy | not run (stopped at {gave_up:,} rows) | - | - |", flush=True)
         elif args.anomalib_python:
-            got = run_anomalib(args.anomalib_python, x, n / x.shape[0], args.anomalib_timeout)
+            got = run_anomalib(args.anomalib_python, x, n / x.shape[0], args.anomalib_timeout, repeats)
             if got is None:
                 gave_up = x.shape[0]
                 print(f"| {x.shape[0]:,} | {n:,} | anomalib KCenterGreedy | > {args.anomalib_timeout:.0f} (stopped) | - | - |", flush=True)
             else:
                 r, note = radius(x, got[1])
                 rel = "-" if exact_r is None else f"{r / exact_r:.3f}"
-                print(f"| {x.shape[0]:,} | {n:,} | anomalib KCenterGreedy | {got[0]:.1f} | {r:.2f}{note} | {rel} |", flush=True)
+                print(f"| {x.shape[0]:,} | {n:,} | anomalib KCenterGreedy | {got[0]:.2f} | {r:.2f}{note} | {rel} |", flush=True)
 
 
 if __name__ == "__main__":

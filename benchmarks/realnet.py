@@ -11,7 +11,7 @@ default per-stage ratios) / off (every channel), at ``--ablation-steps`` trainin
 
 Run it alone: two processes on two cores slow each other several-fold.
 
-    python benchmarks/realnet.py [--steps 2000] [--ablation-steps 500] [--ablation-pool 1] [--skip-ablation] [--skip-main]
+    python benchmarks/realnet.py [--steps 2000] [--ablation-steps 500] [--ablation-pool 1] [--ablation-synthesis sdas,perlin,cutpaste] [--skip-ablation] [--skip-main]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="RealNet training steps (default: its own default)")
     ap.add_argument("--ablation-steps", type=int, default=500)
     ap.add_argument("--ablation-pool", type=int, default=None, help="synthetic copies per image in the ablation (default: RealNet's)")
+    ap.add_argument("--ablation-synthesis", default="sdas,perlin,cutpaste", help="synthesis sources of the ablation's rows")
     ap.add_argument("--datasets", default="magnetic_tile,battery_weld")
     ap.add_argument("--skip-main", action="store_true")
     ap.add_argument("--skip-ablation", action="store_true")
@@ -85,7 +86,7 @@ def main() -> None:
         print(f"\nAblation on {name}, {args.ablation_steps} steps each" + (f", pool {args.ablation_pool}" if pool else ""))
         print("| synthesis | AFS | channels kept | image AUROC | pixel AUROC | AUPRO | training min |")
         print("|---|---|---|---|---|---|---|")
-        for synthesis in ("sdas", "perlin", "cutpaste"):
+        for synthesis in args.ablation_synthesis.split(","):
             for afs, ratio in (("on", {}), ("off", {"afs_ratio": 1.0})):
                 options = {"synthesis": synthesis, "steps": args.ablation_steps, **pool, **ratio, **({"ddpm": str(ddpm[0])} if synthesis == "sdas" else {})}
                 r = row("realnet", name, args.work, options)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from skimage import data as skdata
 
 from defectscope.backbones import weights as weights_mod
-from defectscope.backbones.cnn import CNNBackbone
+from defectscope.backbones.cnn import CNNBackbone, fold_batch_norms
 from defectscope.backbones.weights import load_weights
 from defectscope.errors import WeightsError
 
@@ -72,3 +72,23 @@ def test_random_only_on_request_and_local_file_round_trip(tmp_path: Path) -> Non
     x = torch.rand(1, 3, 64, 64)
     assert all(torch.equal(a, b) for a, b in zip(loaded(x), rand(x), strict=True))
     assert [f.shape[1] for f in loaded(x)] == loaded.channels
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_folded_batch_norms_give_the_same_features(name: str) -> None:
+    """The backbone folds every batch norm into its convolution; on a real photo its stage
+    maps equal those of timm's own unfolded modules with the same weights."""
+    folded = CNNBackbone(name, (1, 2, 3, 4), "auto")
+    full = timm.create_model(name)
+    load_weights(full, name, "auto")
+    plain = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4))
+    plain.load_state_dict({k: v for k, v in full.state_dict().items() if k in plain.state_dict()})
+    plain.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.body.modules())
+    assert fold_batch_norms(folded.body) == 0  # nothing left to fold
+    img = torch.tensor(skdata.chelsea() / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
+    x = F.interpolate(img, size=(224, 288), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        ref = plain((x - 0.5) / 0.5)
+    for a, b in zip(folded(x), ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

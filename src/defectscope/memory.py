@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from defectscope.errors import ConfigError
@@ -142,143 +142,43 @@ def random_projection(dim_in: int, dim_out: int, seed: int) -> torch.Tensor:
     return torch.randn(dim_in, dim_out, generator=g) / dim_out**0.5
 
 
-CELL_ROWS = 4096  # rows per cell of the lazy coreset (`greedy_coreset`)
+CELL_ROWS = 512  # rows per cell of the coreset's lazy greedy (`greedy_coreset`)
 NEIGHBOUR_CELLS = 2  # cells a new centre updates at once: its own and the nearest other
-MIN_CELLS = 16  # below this many cells (65k rows) the plain loop is faster than the lazy one
-LAZY_TOLERANCE = 1e-3  # relative: a bound this close to the true distance counts as exact (bfloat16 sums)
 
 
-def _lower(min_d: torch.Tensor, rows: torch.Tensor, rows_sq: torch.Tensor, centre: torch.Tensor, centre_sq: torch.Tensor, buf: torch.Tensor) -> None:
-    """min_d = min(min_d, ||rows - centre||^2) in place: one matrix-vector product in the
-    rows' dtype, squared norms and the minimum in float32 (``buf``: scratch of min_d's size)."""
-    torch.add(rows_sq, torch.mv(rows, centre).float(), alpha=-2.0, out=buf)
-    buf += centre_sq
-    torch.minimum(min_d, buf, out=min_d)
+def _nearest_seed(x: torch.Tensor, seeds: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Index of each row's nearest seed row, in row chunks."""
+    seed_sq = (seeds**2).sum(1)
+    return torch.cat([squared_distances(x[lo : lo + chunk], seeds, seed_sq).argmin(1) for lo in range(0, x.shape[0], chunk)])
 
 
-def _greedy_loop(
-    x: torch.Tensor, n: int, first: int, progress: Callable[[int, int], None] | None
-) -> torch.Tensor:
-    """Greedy k-center: per new centre one `_lower` pass over all rows."""
-    sq = (x.float() ** 2).sum(1)
-    min_d = torch.full((x.shape[0],), float("inf"))
-    dist = torch.empty(x.shape[0])
-    chosen = torch.empty(n, dtype=torch.long)
-    idx, step = first, max(1, n // 100)
-    for i in range(n):
-        chosen[i] = idx
-        _lower(min_d, x, sq, x[idx], sq[idx], dist)
-        idx = int(torch.argmax(min_d))
-        if progress is not None and (i % step == 0 or i == n - 1):
-            progress(i + 1, n)
-    return chosen
-
-
-@dataclass
-class _Cells:
-    """Rows sorted by their nearest seed row: cell j is rows[offsets[j]:offsets[j + 1]]."""
-
-    order: torch.Tensor  # original row index of each sorted row
-    offsets: list[int]
-    seeds: torch.Tensor  # sorted positions of the seed rows (the first centres)
-    seed_rows: torch.Tensor  # C x d, float32
-    min_d: torch.Tensor  # squared distance of each sorted row to its seed
-
-
-def _partition(x: torch.Tensor, n_cells: int, seed: int, chunk: int = 65536) -> _Cells:
-    """Voronoi cells of ``n_cells`` seeded random rows (random seeds give cells of about
-    equal size wherever the data is dense); distances in float32, in row chunks."""
+def _partition(x: torch.Tensor, n_cells: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cells of about equal size: (row order sorted by cell, cell offsets into it, one seed
+    row per cell). Two levels of Voronoi cells around seeded random rows (random seeds are
+    dense where the data is): about sqrt(n_cells) coarse cells, each split among sub-seeds
+    drawn from its own rows in proportion to its size, so each row is compared with about
+    2 sqrt(n_cells) seeds instead of n_cells (4M rows into 8k cells: seconds, not minutes)."""
     total = x.shape[0]
-    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n_cells]
-    seed_rows = x[pick].float()
-    seed_sq = (seed_rows**2).sum(1)
-    near = torch.empty(total, dtype=torch.long)
-    d_near = torch.empty(total)
-    for lo in range(0, total, chunk):
-        d = squared_distances(x[lo : lo + chunk].float(), seed_rows, seed_sq)
-        torch.min(d, dim=1, out=(d_near[lo : lo + chunk], near[lo : lo + chunk]))
-    order = torch.argsort(near, stable=True)
-    counts = torch.bincount(near, minlength=n_cells)
-    where = torch.empty(total, dtype=torch.long)
-    where[order] = torch.arange(total)
-    return _Cells(order, [0, *counts.cumsum(0).tolist()], where[pick], seed_rows, d_near[order])
-
-
-class _CellState:
-    """Running min-distances of rows sorted into cells, with each cell's farthest row.
-
-    ``min_d`` holds, per row, the smallest squared distance to the centres applied to its
-    cell so far: an upper bound of its distance to all centres (exact for the seeds)."""
-
-    def __init__(self, x: torch.Tensor, cells: _Cells) -> None:
-        self.xs = x[cells.order].contiguous()
-        self.sq = (self.xs.float() ** 2).sum(1)
-        self.min_d, self.off = cells.min_d.clone(), cells.offsets
-        n_cells = len(self.off) - 1
-        self.top = torch.full((n_cells,), -1.0)
-        self.top_at = torch.zeros(n_cells, dtype=torch.long)
-        self._buf = torch.empty(max(self.off[j + 1] - self.off[j] for j in range(n_cells)))
-        for j in range(n_cells):
-            self._refresh(j, self.min_d[self.off[j] : self.off[j + 1]])
-
-    def _refresh(self, j: int, seg: torch.Tensor) -> None:
-        if seg.numel():
-            value, at = seg.max(0)
-            self.top[j], self.top_at[j] = value, self.off[j] + at
-
-    def apply(self, centre: torch.Tensor, centre_sq: torch.Tensor, j: int) -> None:
-        """Lower the min-distances of cell j's rows by one centre (a row of ``xs``' dtype)."""
-        lo, hi = self.off[j], self.off[j + 1]
-        if hi == lo:
-            return
-        seg = self.min_d[lo:hi]
-        _lower(seg, self.xs[lo:hi], self.sq[lo:hi], centre, centre_sq, self._buf[: hi - lo])
-        self._refresh(j, seg)
-
-
-def _lazy_cell_greedy(
-    x: torch.Tensor, n: int, cells: _Cells, neighbours: int, progress: Callable[[int, int], None] | None
-) -> torch.Tensor:
-    """Exact greedy k-center with lazily applied centres (the seeds are the first centres).
-
-    A new centre lowers the min-distances of its own cell and the ``neighbours - 1`` cells
-    whose seeds are nearest; other rows keep upper bounds. The candidate, the row with the
-    largest bound, is checked against every chosen centre: if one lies nearer than its
-    bound, that centre is applied to the candidate's cell and the search repeats; otherwise
-    its bound is exact and at least every other row's true distance, so it is the farthest
-    row, the one exact greedy picks. Work: the cells centres touch, plus one check of
-    n_chosen rows per candidate, instead of all N rows per centre."""
-    state = _CellState(x, cells)
-    d = x.shape[1]
-    centres = torch.empty(n, d, dtype=x.dtype)
-    centre_sq = torch.empty(n)
-    seed_sq = (cells.seed_rows**2).sum(1)
-    k = min(n, cells.seeds.numel())
-    chosen = torch.empty(n, dtype=torch.long)
-    chosen[:k] = cells.seeds[:k]
-    centres[:k], centre_sq[:k] = state.xs[chosen[:k]], state.sq[chosen[:k]]
-    applied: set[tuple[int, int]] = set()  # (centre, cell) pairs already in the bounds
-    step = max(1, n // 100)
-    while k < n:
-        j0 = int(torch.argmax(state.top))
-        r = int(state.top_at[j0])
-        xr, sq_r = state.xs[r], state.sq[r]
-        true = centre_sq[:k] - 2.0 * torch.mv(centres[:k], xr).float() + sq_r
-        nearest, c = true.min(0)
-        c = int(c)
-        if float(nearest) < float(state.min_d[r]) * (1.0 - LAZY_TOLERANCE) and (c, j0) not in applied:
-            applied.add((c, j0))  # once per pair: a second time could only repeat rounding
-            state.apply(centres[c], centre_sq[c], j0)
+    g = torch.Generator().manual_seed(seed)
+    n_coarse = max(1, min(n_cells, round(n_cells**0.5)))
+    coarse = _nearest_seed(x, x[torch.randperm(total, generator=g)[:n_coarse]])
+    coarse_order = torch.argsort(coarse, stable=True)
+    counts = torch.bincount(coarse, minlength=n_coarse).tolist()
+    cell = torch.empty(total, dtype=torch.long)
+    seeds, first, lo = [], 0, 0
+    for size in counts:
+        rows = coarse_order[lo : lo + size]
+        lo += size
+        if size == 0:
             continue
-        chosen[k], centres[k], centre_sq[k] = r, xr, sq_r
-        near = torch.topk(seed_sq - 2.0 * (cells.seed_rows @ xr.float()), neighbours, largest=False).indices.tolist()
-        for j in {j0, *near[: neighbours - 1]}:
-            applied.add((k, j))
-            state.apply(xr, sq_r, j)
-        k += 1
-        if progress is not None and (k % step == 0 or k == n):
-            progress(k, n)
-    return cells.order[chosen]
+        k = max(1, min(size, round(n_cells * size / total)))
+        pick = rows[torch.randperm(size, generator=g)[:k]]
+        seeds.append(x[pick])
+        cell[rows] = first + _nearest_seed(x[rows], seeds[-1])
+        first += k
+    offsets = torch.zeros(first + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(cell, minlength=first).cumsum(0)
+    return torch.argsort(cell, stable=True), offsets, torch.cat(seeds)
 
 
 def greedy_coreset(
@@ -286,7 +186,6 @@ def greedy_coreset(
     n: int,
     *,
     proj_dim: int | None = None,
-    precision: str = "bfloat16",
     seed: int = 0,
     cell_rows: int | None = CELL_ROWS,
     neighbours: int = NEIGHBOUR_CELLS,
@@ -294,45 +193,57 @@ def greedy_coreset(
 ) -> torch.Tensor:
     """Indices of ``n`` rows chosen by greedy k-center selection (PatchCore, Sec. 3.2).
 
-    Start from a seeded random row; repeatedly add the row farthest from the chosen set,
-    with distances measured after a seeded random projection to ``proj_dim`` dims (none if
-    None, the default, or not smaller than the feature size). A projection makes each step
-    cheaper for wide features but distorts the distances the greedy maximises: at 32k of
-    PatchCore's 152-d patches, selection after a 128-d projection left a 9% larger
-    covering radius in the real space than selection without one, in the same time (yet
-    PatchCore detects better with it on two of three datasets; see the README).
+    Start from a seeded random row; repeatedly add the row farthest from the chosen set
+    (Euclidean, float32), with distances measured after a seeded random projection to
+    ``proj_dim`` dims (none if None, the default, or not smaller than the feature size).
+    A projection makes each step cheaper for wide features but distorts the distances the
+    greedy maximises: at 32k of PatchCore's 152-d patches, selection after a 128-d
+    projection left a 9-12% larger covering radius in the real space (yet PatchCore detects
+    better with it on two of three datasets; see the README).
 
-    Only a running vector of min-distances is kept, never an N x N matrix. The loop is
-    bound by reading the N x d matrix once per centre, so ``precision="bfloat16"`` (the
-    default) stores the centred (projected) rows in bfloat16: half the memory traffic and a faster kernel on CPUs, at a relative
-    distance error of about 2^-8 (benchmarks/patchcore_speed.py reports the covering radius
-    it reaches against float32 selection). ``precision="float32"`` is exact.
-
-    Exact greedy costs N x n row reads: hours for millions of patches. Above
-    ``cell_rows`` rows per cell (None: always exact) the rows are split into Voronoi cells
-    of about ``cell_rows`` rows around random seed rows, which are the first centres, and
-    centres are applied to cells lazily (`_lazy_cell_greedy`): the same choices as exact
-    greedy from those seeds, with a fraction of the reads. benchmarks/coreset.py measures
-    its time and covering radius against exact greedy and anomalib's KCenterGreedy.
+    Plain greedy reads all N rows per centre: hours for millions of patches. Here the rows
+    are split into cells of about ``cell_rows`` rows (`_partition`; at most n / 4 cells; one
+    cell when ``cell_rows`` is None) and the compiled loop in
+    `defectscope.kcenter` applies centres to cells lazily, checking the farthest bound
+    before taking it: the plain greedy's choices from the same first row, with a fraction
+    of the reads. ``neighbours``: cells a new centre updates at once. Memory: one float32
+    copy of the (projected) rows, sorted by cell; no N x N matrix. benchmarks/coreset.py
+    measures time and covering radius against exact greedy and anomalib's KCenterGreedy.
     """
+    from defectscope import kcenter  # numba compiles (or loads its cache) on first use
+
     total = features.shape[0]
     if n >= total:
         return torch.arange(total)
     if n < 1:
         raise ConfigError(f"A coreset needs at least one point (asked for {n}).")
-    if precision not in ("float32", "bfloat16"):
-        raise ConfigError(f"Coreset precision must be float32 or bfloat16, got {precision!r}.")
     if neighbours < 1:
         raise ConfigError(f"A coreset centre updates at least its own cell (neighbours={neighbours}).")
     x = features.float()
     if proj_dim is not None and proj_dim < x.shape[1]:
         x = x @ random_projection(x.shape[1], proj_dim, seed)
-    x = (x - x.mean(0)).to(getattr(torch, precision)).contiguous()
-    n_cells = 0 if cell_rows is None else min(total // cell_rows, n // 4)
-    if n_cells >= MIN_CELLS:
-        return _lazy_cell_greedy(x, n, _partition(x, n_cells, seed), neighbours, progress)
+    n_cells = 1 if cell_rows is None else max(1, min(total // cell_rows, n // 4))
+    order, offsets, seed_rows = _partition(x, n_cells, seed)
+    n_cells = offsets.numel() - 1
+    xs = x[order].numpy()
+    del x
     first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
-    return _greedy_loop(x, n, first, progress)
+    position = torch.empty(total, dtype=torch.long)
+    position[order] = torch.arange(total)
+    off, seeds = offsets.numpy(), seed_rows.numpy()
+    min_d = np.empty(total, dtype=np.float32)
+    top, top_at = np.full(n_cells, -1.0, dtype=np.float32), np.zeros(n_cells, dtype=np.int64)
+    centres, chosen = np.empty((n, xs.shape[1]), dtype=np.float32), np.empty(n, dtype=np.int64)
+    applied = np.zeros((n_cells, (n + 63) // 64), dtype=np.uint64)  # bit c of row j: centre c is in cell j's bounds
+    chosen[0] = int(position[first])
+    centres[0], applied[:, 0] = xs[chosen[0]], 1
+    kcenter.start(xs, off, int(chosen[0]), min_d, top, top_at)
+    k, step = 1, max(1, n // 100)
+    while k < n:
+        k = kcenter.advance(xs, off, seeds, neighbours, min_d, top, top_at, centres, chosen, applied, k, min(n, k + step))
+        if progress is not None:
+            progress(k, n)
+    return order[torch.from_numpy(chosen)]
 
 
 def covering_radius(features: torch.Tensor, chosen: torch.Tensor, *, max_rows: int | None = None, seed: int = 0) -> float:
