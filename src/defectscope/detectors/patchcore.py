@@ -246,14 +246,18 @@ class PatchCore(CNNDetector):
     def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
         """Append the new normal images' patch features that lie farther from the bank than
         its covering radius: the bank grows only where it was missing something (with the
-        whole bank kept, radius 0, every new patch not already in it)."""
+        whole bank kept, radius 0, every new patch not already in it). An image none of
+        whose patches lies that far adds its farthest patch, so every image taught as normal
+        scores lower afterwards (a false alarm an inspector corrects is never ignored)."""
         if self.radius is None:
             raise ConfigError("This PatchCore model file predates adding normal images (no covering radius); refit it.")
         before, added = self.bank.shape[0], []
         for batch in batches(iter(images), self.batch_size):
             feats = flatten_patches(self.embed(torch.stack([s.image for s in batch])))
-            dist, _ = self.index.search(feats, 1)
-            added.append(feats[dist[:, 0] > self.radius])
+            dist = self.index.search(feats, 1)[0][:, 0].view(len(batch), -1)
+            far = dist > self.radius
+            far[torch.arange(len(batch)), dist.argmax(1)] = True
+            added.append(feats[far.flatten()])
         new = torch.cat(added) if added else torch.empty(0, self.bank.shape[1])
         self._set_bank(torch.cat([self.bank, new]))
         return {"added_patches": int(new.shape[0]), "bank_before": before, "bank_after": int(self.bank.shape[0]), "radius": self.radius}
