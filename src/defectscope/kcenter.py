@@ -43,17 +43,6 @@ def _sqdist(a: np.ndarray, b: np.ndarray) -> np.float32:
     return s
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _apply(xs: np.ndarray, lo: int, hi: int, centres: np.ndarray, which: np.ndarray, m: int, min_d: np.ndarray) -> None:
-    """min_d[lo:hi] = min(min_d, squared distance to centres[which[:m]]): one pass over the rows."""
-    for r in range(lo, hi):
-        best = min_d[r]
-        for q in range(m):
-            d = _sqdist(xs[r], centres[which[q]])
-            best = min(best, d)
-        min_d[r] = best
-
-
 @njit(cache=True)
 def _refresh(min_d: np.ndarray, lo: int, hi: int, j: int, top: np.ndarray, top_at: np.ndarray) -> None:
     """The cell's largest bound and its row."""
@@ -62,6 +51,23 @@ def _refresh(min_d: np.ndarray, lo: int, hi: int, j: int, top: np.ndarray, top_a
         if min_d[r] > min_d[at]:
             at = r
     top[j], top_at[j] = min_d[at], at
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _apply(
+    xs: np.ndarray, offsets: np.ndarray, j: int, centres: np.ndarray, which: np.ndarray, m: int,
+    min_d: np.ndarray, top: np.ndarray, top_at: np.ndarray,
+) -> None:
+    """Cell j's bounds lowered by centres[which[:m]] in one pass over its rows, then its top row."""
+    lo, hi = offsets[j], offsets[j + 1]
+    if hi == lo:
+        return
+    for r in range(lo, hi):
+        best = min_d[r]
+        for q in range(m):
+            best = min(best, _sqdist(xs[r], centres[which[q]]))
+        min_d[r] = best
+    _refresh(min_d, lo, hi, j, top, top_at)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -112,7 +118,7 @@ def advance(
         for q in range(1, n_cells):
             if top[q] > top[j]:
                 j = q
-        r, lo, hi = top_at[j], offsets[j], offsets[j + 1]
+        r = top_at[j]
         m = 0
         for c in range(k):
             if not _is_applied(applied, j, c) and _sqdist(xs[r], centres[c]) < min_d[r]:
@@ -121,8 +127,7 @@ def advance(
         if m > 0:
             for q in range(m):
                 _mark_applied(applied, j, which[q])
-            _apply(xs, lo, hi, centres, which, m, min_d)
-            _refresh(min_d, lo, hi, j, top, top_at)
+            _apply(xs, offsets, j, centres, which, m, min_d, top, top_at)
             continue
         chosen[k] = r
         centres[k] = xs[r]
@@ -134,8 +139,6 @@ def advance(
             near = np.argmin(seed_d)
             seed_d[near] = np.inf
             _mark_applied(applied, near, k)
-            if offsets[near + 1] > offsets[near]:
-                _apply(xs, offsets[near], offsets[near + 1], centres, which, 1, min_d)
-                _refresh(min_d, offsets[near], offsets[near + 1], near, top, top_at)
+            _apply(xs, offsets, near, centres, which, 1, min_d, top, top_at)
         k += 1
     return k

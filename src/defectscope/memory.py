@@ -228,14 +228,12 @@ def greedy_coreset(
     xs = x[order].numpy()
     del x
     first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
-    position = torch.empty(total, dtype=torch.long)
-    position[order] = torch.arange(total)
     off, seeds = offsets.numpy(), seed_rows.numpy()
     min_d = np.empty(total, dtype=np.float32)
     top, top_at = np.full(n_cells, -1.0, dtype=np.float32), np.zeros(n_cells, dtype=np.int64)
     centres, chosen = np.empty((n, xs.shape[1]), dtype=np.float32), np.empty(n, dtype=np.int64)
     applied = np.zeros((n_cells, (n + 63) // 64), dtype=np.uint64)  # bit c of row j: centre c is in cell j's bounds
-    chosen[0] = int(position[first])
+    chosen[0] = int((order == first).nonzero())  # its position among the sorted rows
     centres[0], applied[:, 0] = xs[chosen[0]], 1
     kcenter.start(xs, off, int(chosen[0]), min_d, top, top_at)
     k, step = 1, max(1, n // 100)

@@ -30,7 +30,7 @@ _CONV_BN = {
 def fold_batch_norms(body: nn.Module) -> int:
     """Fold each frozen batch norm into the convolution before it, in place: w' = w γ/σ,
     b' = (b - μ) γ/σ + β, the norm replaced by its activation. The same function of the
-    input (to float rounding; tests/test_backbones.py), minus a pass over every feature
+    input (to float rounding; tests/test_backbone.py), minus a pass over every feature
     map: about a sixth of the backbone's CPU time. Only the module types in ``_CONV_BN``,
     whose forward applies the pair in that order; returns how many pairs were folded."""
     folded = 0

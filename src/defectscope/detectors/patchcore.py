@@ -254,7 +254,7 @@ class PatchCore(CNNDetector):
         before, added = self.bank.shape[0], []
         for batch in batches(iter(images), self.batch_size):
             feats = flatten_patches(self.embed(torch.stack([s.image for s in batch])))
-            dist = self.index.search(feats, 1)[0][:, 0].view(len(batch), -1)
+            dist = self.index.nearest_distances(feats).view(len(batch), -1)
             far = dist > self.radius
             far[torch.arange(len(batch)), dist.argmax(1)] = True
             added.append(feats[far.flatten()])
