@@ -93,7 +93,9 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Te
     return sorted(seconds)[len(seconds) // 2], idx
 
 
-def run_anomalib(python: str, x: torch.Tensor, ratio: float, timeout: float, repeats: int) -> tuple[float, torch.Tensor] | None:
+def run_anomalib(python: str, x: torch.Tensor, ratio: float, timeout: float | None, repeats: int) -> tuple[float, torch.Tensor] | None:
+    """(median seconds, selection) of anomalib's KCenterGreedy run by ``python`` (its own
+    virtualenv) on ``x``; None when it takes longer than ``timeout`` seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(x, f"{tmp}/x.pt")
         try:

@@ -18,25 +18,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "magnetic_tile"
-
-ANOMALIB_SNIPPET = """
-import sys, time, torch
-from anomalib.models.components.sampling import KCenterGreedy
-x = torch.load(sys.argv[1])
-n = int(sys.argv[2])
-sampler = KCenterGreedy(embedding=x, sampling_ratio=n / x.shape[0])
-t = time.perf_counter()
-idx = sampler.select_coreset_idxs()
-print(time.perf_counter() - t)
-torch.save(torch.tensor(idx), sys.argv[3])
-"""
-
 
 def run_setting(data: str, ratio: float) -> dict:
     """Fit and predict in this process; return the timings."""
@@ -95,14 +81,10 @@ def coreset_comparison(data: str, anomalib_python: str | None) -> list[dict]:
         idx = greedy_coreset(x, n, cell_rows=cell_rows)
         rows.append({"impl": name, "s": time.perf_counter() - t, "radius": covering_radius(x, idx)})
     if anomalib_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(x, f"{tmp}/x.pt")
-            out = subprocess.run(
-                [anomalib_python, "-c", ANOMALIB_SNIPPET, f"{tmp}/x.pt", str(n), f"{tmp}/idx.pt"],
-                capture_output=True, text=True, check=True,
-            )
-            idx = torch.load(f"{tmp}/idx.pt")
-            rows.append({"impl": "anomalib KCenterGreedy", "s": float(out.stdout.split()[-1]), "radius": covering_radius(x, idx)})
+        from coreset import run_anomalib  # benchmarks/coreset.py: one way to time anomalib's selection
+
+        seconds, idx = run_anomalib(anomalib_python, x, n / x.shape[0], timeout=None, repeats=1)
+        rows.append({"impl": "anomalib KCenterGreedy", "s": seconds, "radius": covering_radius(x, idx)})
     return rows
 
 
