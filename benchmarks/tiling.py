@@ -3,9 +3,10 @@
 Per dataset: the default (the long side resized to 256 px) and tiling at two scales
 (``--settings``; e.g. ``0.5:256`` = images at half their pixels, 256 px tiles, overlap
 0.25). Prints image AUROC, pixel AUROC, AUPRO, fit seconds, predict ms/image, peak RSS
-and bank size; with ``--seeds``, one row per coreset seed and their mean. Each setting runs in a fresh process, so peak RSS is its own. Pixel
-metrics of tiled runs are computed on maps and masks shrunk to at most ``--metric-size``
-px on the long side (the default run's maps are smaller than that and stay as they are).
+and bank size; with ``--seeds``, one row per coreset seed and their mean. Each setting
+and seed runs in a fresh process, so peak RSS is its own. Pixel metrics of tiled runs are
+computed on maps and masks shrunk to at most ``--metric-size`` px on the long side (the
+default run's maps are smaller than that and stay as they are).
 
 Time it alone: two processes using both cores slow each other several-fold.
 

@@ -258,7 +258,7 @@ def load_dinov2_image_tower(visual: nn.Module) -> None:
     with torch.no_grad():
         visual.conv1.weight.copy_(vit.patch_embed.weight)
         visual.class_embedding.copy_(vit.cls_token.view(-1))
-        pos = vit._pos(gh, gw)[0].clone()
+        pos = vit.position_embeddings(gh, gw)[0].clone()
         pos[1:] += vit.patch_embed.bias
         visual.positional_embedding.copy_(pos)
         for ours, theirs in zip(blocks, vit.blocks, strict=True):

@@ -159,7 +159,8 @@ class ViTBackbone(nn.Module):
     def strides(self) -> list[int]:
         return [PATCH] * len(self.stages)
 
-    def _pos(self, gh: int, gw: int) -> torch.Tensor:
+    def position_embeddings(self, gh: int, gw: int) -> torch.Tensor:
+        """1 x (1 + gh*gw) x 384: the class position and the 37 x 37 grid resampled (bicubic) to gh x gw."""
         cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         grid = grid.reshape(1, 37, 37, DIM).permute(0, 3, 1, 2)
         if (gh, gw) != (37, 37):
@@ -170,7 +171,7 @@ class ViTBackbone(nn.Module):
         """Normalised image N x 3 x 14a x 14b -> per chosen block, tokens N x (1 + ab) x 384 (un-normed)."""
         n, _, h, w = x.shape
         t = self.patch_embed(x).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls_token.expand(n, -1, -1), t], 1) + self._pos(h // PATCH, w // PATCH)
+        t = torch.cat([self.cls_token.expand(n, -1, -1), t], 1) + self.position_embeddings(h // PATCH, w // PATCH)
         out = []
         for i, block in enumerate(self.blocks, 1):
             t = block(t)
