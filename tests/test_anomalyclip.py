@@ -274,11 +274,6 @@ def pixel_aurocs(opts: dict, learned: Path, recs: list) -> dict[str, float]:
     return aurocs
 
 
-def battery_test_records(battery: Path, n: int = 10) -> list:
-    test = load_dataset(battery).test
-    return [r for r in test if r.label == 1][:n] + [r for r in test if r.label == 0][:n]
-
-
 def test_dinov2_image_tower_is_the_vit_backbone(images: torch.Tensor) -> None:
     """The half-real CLIP's image tower (DINOv2 blocks 1-8 copied into open_clip) gives the
     same tokens as `ViTBackbone`, the module checked against onnxruntime, on real images."""
@@ -319,7 +314,9 @@ def test_real_weights_learned_prompts_beat_untrained(aux: Path, battery: Path, t
         )
     opts = {"clip_model": "ViT-L-14-336-quickgelu", "clip_pretrained": str(weights), "image_size": 336}
     train_prompts([aux], tmp_path / "real.dscope", options=opts, epochs=1, batch_size=8)
-    aurocs = pixel_aurocs(opts, tmp_path / "real.dscope", battery_test_records(battery))
+    test = load_dataset(battery).test
+    recs = [r for r in test if r.label == 1][:10] + [r for r in test if r.label == 0][:10]
+    aurocs = pixel_aurocs(opts, tmp_path / "real.dscope", recs)
     assert aurocs["learned"] > aurocs["untrained"], aurocs
 
 
