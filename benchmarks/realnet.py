@@ -11,7 +11,7 @@ default per-stage ratios) / off (every channel), at ``--ablation-steps`` trainin
 
 Run it alone: two processes on two cores slow each other several-fold.
 
-    python benchmarks/realnet.py [--steps 2000] [--ablation-steps 500] [--ablation-pool 1] [--ablation-synthesis sdas,perlin,cutpaste] [--skip-ablation] [--skip-main]
+    python benchmarks/realnet.py [--steps 2000] [--afs-off] [--ablation-steps 500] [--ablation-pool 1] [--ablation-synthesis sdas,perlin,cutpaste] [--skip-ablation] [--skip-main]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--ddpm-dir", type=Path, default=None, help="folder with <dataset>.dscope DDPMs (default: WORK/ddpm)")
     ap.add_argument("--ddpm-steps", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=None, help="RealNet training steps (default: its own default)")
+    ap.add_argument("--afs-off", action="store_true", help="main rows: RealNet keeps every channel (afs_ratio=1)")
     ap.add_argument("--ablation-steps", type=int, default=500)
     ap.add_argument("--ablation-pool", type=int, default=None, help="synthetic copies per image in the ablation (default: RealNet's)")
     ap.add_argument("--ablation-synthesis", default="sdas,perlin,cutpaste", help="synthesis sources of the ablation's rows")
@@ -68,14 +69,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ddpm_dir = args.ddpm_dir or args.work / "ddpm"
     ddpm_dir.mkdir(parents=True, exist_ok=True)
-    steps = {} if args.steps is None else {"steps": args.steps}
+    realnet_options = ({} if args.steps is None else {"steps": args.steps}) | ({"afs_ratio": 1.0} if args.afs_off else {})
     names = args.datasets.split(",")
     ddpms = {n: ddpm_for(n, ddpm_dir, args.ddpm_steps) for n in names}
     if not args.skip_main:
         print("| dataset | method | image AUROC | pixel AUROC | AUPRO | training min | DDPM min | predict ms/img | model MB |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name in names:
-            for method, options, ddpm_min in (("patchcore", {}, "-"), ("realnet", {"ddpm": str(ddpms[name][0]), **steps}, ddpms[name][1])):
+            for method, options, ddpm_min in (("patchcore", {}, "-"), ("realnet", {"ddpm": str(ddpms[name][0]), **realnet_options}, ddpms[name][1])):
                 r = row(method, name, args.work, options)
                 print(f"| {name} | {method} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
                       f"{r['fit_min']:.1f} | {ddpm_min} | {r['predict_ms']:.0f} | {r['size_mb']:.1f} |", flush=True)
