@@ -82,10 +82,11 @@ def test_predict_against_a_ray_start_head_cluster(weld_model: Path, battery: Pat
     ray_cli = Path(sys.executable).parent / "ray"
     port = free_port()
     temp = Path("/tmp") / f"ray-test-{port}"  # Ray's socket paths must stay short
+    head_log = (tmp_path / "ray-head.log").open("w")
     head = subprocess.Popen(
         [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=head_log, stderr=subprocess.STDOUT,
     )
     try:
         address = f"127.0.0.1:{port}"
@@ -94,10 +95,10 @@ def test_predict_against_a_ray_start_head_cluster(weld_model: Path, battery: Pat
             status = subprocess.run([str(ray_cli), "status", f"--address={address}"], capture_output=True, timeout=60, check=False)
             if status.returncode == 0:
                 break
-            assert head.poll() is None, "ray start --head exited"
+            assert head.poll() is None, f"ray start --head exited:\n{(tmp_path / 'ray-head.log').read_text()[-3000:]}"
             time.sleep(1)
         else:
-            pytest.fail("the Ray head did not come up within 90 s")
+            pytest.fail(f"the Ray head did not come up within 90 s:\n{(tmp_path / 'ray-head.log').read_text()[-3000:]}")
         images = battery / "test" / "defective"
         code, out = run("predict", str(weld_model), str(images), "--out", str(tmp_path / "cluster"), "--no-heatmaps",
                         "--engine", "ray", "--address", address, "--workers", "2")
@@ -111,6 +112,7 @@ def test_predict_against_a_ray_start_head_cluster(weld_model: Path, battery: Pat
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        head_log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
