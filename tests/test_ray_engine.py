@@ -52,7 +52,7 @@ def test_local_ray_with_two_workers_gives_the_local_scores(weld_model: Path, mag
     for p in sorted((magnetic / "test").rglob("*.jpg"))[::8][:80]:
         shutil.copy(p, images / f"{p.parent.name}_{p.name}")
     (images / "broken.png").write_bytes(b"not an image")
-    (images / "truncated.jpg").write_bytes((images / sorted(p.name for p in images.iterdir())[0]).read_bytes()[:300])
+    (images / "truncated.jpg").write_bytes((images / min(p.name for p in images.iterdir())).read_bytes()[:300])
     paths = expand_images([images])
     detector, extra = load_detector(weld_model), read_manifest(weld_model)["extra"]
     kwargs = {"threshold": extra["threshold"]["value"], "map_range": extra["map_range"]}
