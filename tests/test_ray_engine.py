@@ -82,7 +82,8 @@ def test_predict_against_a_ray_start_head_cluster(weld_model: Path, battery: Pat
     ray_cli = Path(sys.executable).parent / "ray"
     port = free_port()
     temp = Path("/tmp") / f"ray-test-{port}"  # Ray's socket paths must stay short
-    head_log = (tmp_path / "ray-head.log").open("w")
+    log_path = tmp_path / "ray-head.log"
+    head_log = log_path.open("w")
     head = subprocess.Popen(
         [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
@@ -95,10 +96,10 @@ def test_predict_against_a_ray_start_head_cluster(weld_model: Path, battery: Pat
             status = subprocess.run([str(ray_cli), "status", f"--address={address}"], capture_output=True, timeout=60, check=False)
             if status.returncode == 0:
                 break
-            assert head.poll() is None, f"ray start --head exited:\n{(tmp_path / 'ray-head.log').read_text()[-3000:]}"
+            assert head.poll() is None, f"ray start --head exited:\n{log_path.read_text()[-3000:]}"
             time.sleep(1)
         else:
-            pytest.fail(f"the Ray head did not come up within 90 s:\n{(tmp_path / 'ray-head.log').read_text()[-3000:]}")
+            pytest.fail(f"the Ray head did not come up within 90 s:\n{log_path.read_text()[-3000:]}")
         images = battery / "test" / "defective"
         code, out = run("predict", str(weld_model), str(images), "--out", str(tmp_path / "cluster"), "--no-heatmaps",
                         "--engine", "ray", "--address", address, "--workers", "2")
