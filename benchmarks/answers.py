@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from defectscope import pipeline
+from defectscope.scoring import score_samples
 from defectscope.answers import answer, language_model
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.images import load_mask
@@ -47,8 +48,9 @@ def truth_cell(mask_path: Path) -> str:
 
 def scored(detector, threshold: float, records) -> list[dict]:
     rows = []
-    for rec, (sample, score, amap) in zip(records, pipeline.score_samples(detector, iter_samples(records, detector.preprocess)), strict=True):
-        rows.append({"rec": rec, "sample": sample, "amap": amap, "finding": make_finding(score, amap, threshold)})
+    for rec, j in zip(records, score_samples(detector, iter_samples(records, detector.preprocess), score_refused=True), strict=True):
+        amap = j.original_map()
+        rows.append({"rec": rec, "sample": j.sample, "amap": amap, "finding": make_finding(j.score, amap, threshold)})
     return rows
 
 

@@ -21,6 +21,7 @@ from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
 from defectscope.explain import Finding, Region, make_finding
+from defectscope.scoring import Judge
 
 CELLS = {"top left": (0.08, 0.08), "bottom right": (0.75, 0.75), "middle right": (0.42, 0.75)}  # (row, col) of the patch corner
 
@@ -53,18 +54,18 @@ def pasted_image(good_path: Path, crop, cell: tuple[float, float], out: Path) ->
 def test_pasted_defect_is_answered_yes_at_its_grid_cell(weld, where: str, tmp_path: Path) -> None:
     det, thr, good, crop, _ = weld
     image = pasted_image(good.path, crop, CELLS[where], tmp_path / "pasted.png")
-    result = ask(det, image, "Is there an anomaly in this image?", threshold=thr)
+    result = ask(det, image, "Is there an anomaly in this image?", judge=Judge(thr))
     assert result.finding["defective"], result.finding["score"]
     assert result.finding["regions"][0]["position"] == where
     assert result.text.startswith("Yes") and where in result.text
-    assert where in ask(det, image, "where is it?", threshold=thr).text
+    assert where in ask(det, image, "where is it?", judge=Judge(thr)).text
 
 
 def test_normal_image_is_answered_no(weld) -> None:
     det, thr, good, _, _ = weld
-    result = ask(det, good.path, threshold=thr)
+    result = ask(det, good.path, judge=Judge(thr))
     assert result.finding["defective"] is False and result.text.startswith("No.")
-    assert "below the threshold" in ask(det, good.path, "how sure are you?", threshold=thr).text
+    assert "below the threshold" in ask(det, good.path, "how sure are you?", judge=Judge(thr)).text
 
 
 def finding_at(position: str, kind: str | None = None) -> Finding:

@@ -32,7 +32,7 @@ def test_fit_predict_evaluate(small_mvtec: Path, tmp_path: Path) -> None:
     assert code == 0, out
     scores = json.loads((tmp_path / "pred2/scores.json").read_text())
     assert len(scores["images"]) == 8 and scores["threshold"] is not None
-    assert all("defective" in row for row in scores["images"])
+    assert all(row["verdict"] in ("normal", "defect") for row in scores["images"])
     assert len(list((tmp_path / "pred2").glob("*_heatmap.png"))) == 8
     code, out = run("predict", str(model), str(small_mvtec / "test/good"), "--out", str(tmp_path / "pred"))
     assert code == 2 and "already exists" in out and "--resume" in out  # nothing overwritten
@@ -61,7 +61,7 @@ def test_zero_shot_predict_needs_no_model(small_mvtec: Path, tmp_path: Path) -> 
     code, out = run("predict", "--method", "musc", str(small_mvtec / "test"), "--out", str(tmp_path / "z"))
     assert code == 0, out
     rows = json.loads((tmp_path / "z/scores.json").read_text())["images"]
-    assert len(rows) == 8 and all(r["defective"] is None for r in rows)  # no verdict without normal data
+    assert len(rows) == 8 and all(r["verdict"] == "unknown" for r in rows)  # no verdict without normal data
     code, out = run("predict", "--method", "patchcore", str(small_mvtec / "test"))
     assert code == 2 and "defectscope fit" in out
 
@@ -124,7 +124,7 @@ def test_predict_streams_skips_broken_files_and_resumes(small_mvtec: Path, tmp_p
     (folder / "defective" / "cut.png").write_bytes(png[: len(png) // 3])
     code, out = run("predict", str(model), str(folder), "--out", str(tmp_path / "all"), "--no-heatmaps")
     assert code == 3, out
-    assert "scored 8 images" in out and "2 skipped" in out
+    assert "scored 8 images" in out and "2 unreadable" in out
     with (tmp_path / "all/errors.csv").open() as fh:
         errors = list(csv.DictReader(fh))
     assert sorted(Path(e["path"]).name for e in errors) == ["cut.png", "notes.png"] and all(e["reason"] for e in errors)
@@ -135,6 +135,7 @@ def test_predict_streams_skips_broken_files_and_resumes(small_mvtec: Path, tmp_p
     part = tmp_path / "part"
     part.mkdir()
     (part / "scores.csv").write_text("\n".join(full[:6]) + "\n" + full[6][:9])
+    shutil.copy(tmp_path / "all/run.json", part / "run.json")  # which model scored it
     code, out = run("predict", str(model), str(folder), "--out", str(part), "--resume", "--no-heatmaps")
     assert code == 3 and "5 already done" in out, out
     resumed = (part / "scores.csv").read_text().splitlines()
@@ -174,7 +175,7 @@ def test_killed_predict_resumed_gives_the_uninterrupted_rows(battery: Path, smal
     assert code == 0 and "already done" in out, out
     def rows(folder: Path) -> list[tuple[str, float, str]]:
         with (folder / "scores.csv").open() as fh:
-            return sorted((r["path"], float(r["score"]), r["defective"]) for r in csv.DictReader(fh))
+            return sorted((r["path"], float(r["score"]), r["verdict"]) for r in csv.DictReader(fh))
 
     a, b = rows(whole), rows(cut)
     assert len(b) == len({r[0] for r in b}) == 112  # every image once

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from defectscope import pipeline
+from defectscope.scoring import score_samples
 from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.cli import app
 from defectscope.data.datasets import Record, iter_samples
@@ -49,8 +50,8 @@ def _fit(root: Path, method: str, options: dict, path: Path) -> Path:
 
 
 def _scores(model, paths: list[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
-    rows = list(pipeline.score_samples(model, iter_samples([Record(p) for p in paths], model.preprocess)))
-    return np.array([r[1] for r in rows]), [r[2] for r in rows]
+    rows = list(score_samples(model, iter_samples([Record(p) for p in paths], model.preprocess), score_refused=True))
+    return np.array([r.score for r in rows]), [r.original_map() for r in rows]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{m}-{d}" for m, d, _ in CASES])
@@ -110,7 +111,7 @@ def test_openvino_ir_through_the_cli_matches_the_model_file(tmp_path: Path, batt
     assert ov_rows and len(ov_rows) + errors.count("\n") - 1 == len(images)
     for row in ov_rows:
         assert row["score"] == pytest.approx(torch_rows[row["path"]]["score"], rel=1e-4)
-        assert row["defective"] == torch_rows[row["path"]]["defective"]
+        assert row["verdict"] == torch_rows[row["path"]]["verdict"]
 
 
 @pytest.fixture(scope="module")

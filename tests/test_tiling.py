@@ -12,6 +12,7 @@ import torch
 from helpers import paste_defect
 
 from defectscope import pipeline
+from defectscope.scoring import score_samples
 from defectscope.artifacts import load_detector, save_detector
 from defectscope.data.datasets import Dataset, iter_samples, load_dataset
 from defectscope.data.images import Preprocess
@@ -114,10 +115,10 @@ def test_exported_tiled_model_scores_as_torch(bs: Dataset, tmp_path: Path) -> No
     model = save_detector(fitted.detector, tmp_path / "tiled.dscope", extra=fitted.extra())
     onnx_file = export_model(model, tmp_path / "tiled.onnx", "onnx")[0]
     records = [bs.test[0], bs.test[-1]]
-    ref = list(pipeline.score_samples(load_detector(model), iter_samples(records, fitted.detector.preprocess)))
+    ref = [(j.score, j.original_map()) for j in score_samples(load_detector(model), iter_samples(records, fitted.detector.preprocess))]
     runtime = ExportedModel(onnx_file)
-    got = list(pipeline.score_samples(runtime, iter_samples(records, runtime.preprocess)))
-    for (_, s_ref, m_ref), (_, s_got, m_got) in zip(ref, got, strict=True):
+    got = [(j.score, j.original_map()) for j in score_samples(runtime, iter_samples(records, runtime.preprocess))]
+    for (s_ref, m_ref), (s_got, m_got) in zip(ref, got, strict=True):
         assert abs(s_got - s_ref) <= 1e-4 * abs(s_ref)
         assert np.abs(m_got - m_ref).max() <= 1e-3 * (m_ref.max() - m_ref.min())
     with pytest.raises(ConfigError, match="one tile"):

@@ -25,7 +25,7 @@ from defectscope.defect_types import UNKNOWN, DefectTypes
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError
 from defectscope.explain import COLS, ROWS, Finding, Region, make_finding
-from defectscope.pipeline import score_samples
+from defectscope.scoring import Judge, score_samples
 
 POSITIONS = [f"{r} {c}" for r in ROWS for c in COLS if (r, c) != ("middle", "centre")] + ["centre"]
 LINE_LIKE = 3.0  # elongation above which a region is described as a line
@@ -85,6 +85,8 @@ def rule_answer(finding: Finding, question: str = "Is there an anomaly in this i
     """The answer by rules (see module docstring)."""
     kinds = kinds or []
     asked = intent(question, kinds)
+    if finding.verdict == "invalid":
+        return f"I cannot judge this image: {finding.reason}."
     if finding.defective is None:
         return "I cannot say: this model has no decision threshold (fit it on at least two normal images)."
     top = finding.regions[0] if finding.regions else None
@@ -155,7 +157,7 @@ def answer(
     kinds = kinds or []
     rules = rule_answer(finding, question, kinds)
     result = Answer(question, rules, "rules", rules, finding=finding.to_dict())
-    if llm is None:
+    if llm is None or finding.verdict == "invalid":  # a frame that cannot be judged is said plainly, never rephrased
         return result
     facts = json.dumps({"finding": finding.to_dict(), "answer_by_rules": rules})
     t0 = time.perf_counter()
@@ -256,15 +258,16 @@ def ask(
     image: str | Path,
     question: str = "Is there an anomaly in this image?",
     *,
-    threshold: float | None,
+    judge: Judge,
     types: DefectTypes | None = None,
     llm: LanguageModel | None = None,
 ) -> Answer:
-    """Score one image with the model (`pipeline.score_samples`), make its finding, name its
-    regions' kinds when ``types`` are given, and answer ``question``."""
+    """Score one image with the model (`scoring.score_samples`, frame checks included), make
+    its finding, name its regions' kinds when ``types`` are given, and answer ``question``."""
     sample = load_sample(Record(Path(image)), detector.preprocess)
-    _, score, amap = next(score_samples(detector, iter([sample])))
-    finding = make_finding(score, amap, threshold)
-    if types is not None:
+    judged = next(score_samples(detector, iter([sample]), judge=judge))
+    amap = judged.original_map()
+    finding = make_finding(judged.score, amap, judge.threshold, invalid=judged.verdict.reason if not judged.verdict.judged else None)
+    if types is not None and finding.verdict == "defect":
         finding = types.label(detector, sample, amap, finding)
     return answer(finding, question, kinds=types.names if types else None, llm=llm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import tempfile
@@ -20,7 +21,7 @@ from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.charts import loss_curve_png
 from defectscope.data.datasets import Record, load_dataset, training_records
 from defectscope.data.tiles import training_samples
-from defectscope.detectors.base import make_detector, training_options
+from defectscope.detectors.base import make_detector, method_class, training_options
 from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
 from defectscope.evaluate import evaluate as run_evaluate
@@ -28,6 +29,7 @@ from defectscope.evaluate import evaluate_fewshot
 from defectscope.export import export_model
 from defectscope.report import html_report
 from defectscope.runtimes import ExportedModel, is_exported
+from defectscope.scoring import Judge
 from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
@@ -66,8 +68,26 @@ def _preprocess(size: int, resize: str | None, tile: int | None, overlap: float 
     return preprocess
 
 
+def _option_value(method: str | None, key: str, value: str) -> Any:
+    """A --set value: JSON, or a bare word for an option whose default is text (e.g.
+    backbone=resnet18); anything else that is not JSON is refused, not taken as text."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    if method is not None:
+        param = inspect.signature(method_class(method).__init__).parameters.get(key)
+        if param is not None and isinstance(param.default, str):
+            return value
+    raise DefectscopeError(
+        f"--set {key}={value}: {value!r} is not a JSON value (a number, true/false, null, a list, or a quoted string). "
+        f'Write e.g. --set {key}=0.1 or --set \'{key}="text"\'.'
+    )
+
+
 def _config(
-    size: int, resize: str | None, options: list[str] | None, class_name: str | None = None, tiling: tuple[int | None, float | None, float | None] = (None, None, None)
+    size: int, resize: str | None, options: list[str] | None, class_name: str | None = None,
+    tiling: tuple[int | None, float | None, float | None] = (None, None, None), method: str | None = None,
 ) -> dict[str, Any]:
     config: dict[str, Any] = {"preprocess": _preprocess(size, resize, *tiling)}
     if class_name is not None:
@@ -76,10 +96,7 @@ def _config(
         key, sep, value = item.partition("=")
         if not sep:
             raise DefectscopeError(f"--set expects KEY=VALUE, got {item!r}.")
-        try:
-            config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            config[key] = value
+        config[key] = _option_value(method, key, value)
     return config
 
 
@@ -150,7 +167,7 @@ def fit(
         if output.exists() and not overwrite:
             raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
         check_rate(false_alarm_rate)
-        config = _config(size, resize, options, class_name, (tile, overlap, scale))
+        config = _config(size, resize, options, class_name, (tile, overlap, scale), method)
         make_detector(method, **config)  # a wrong method or option fails before any image is read
         records = training_records(data)
         detector = make_detector(method, **training_options(method, len(records), config))
@@ -170,9 +187,10 @@ def fit(
 
 
 EXIT_SKIPPED = 3  # predict: some images could not be read (listed in OUT/errors.csv); the rest were scored
+EXIT_INVALID = 4  # predict: every file was read, but some frames could not be judged (verdict invalid)
 
 
-def _engine(engine: str, detector: Any, model_file: Path | None, address: str | None, workers: int | None) -> Any:
+def _engine(engine: str, detector: Any, model_file: Path | None, address: str | None, workers: int | None, threshold: float | None) -> Any:
     """The scorer for --engine: None (local, in this process) or a Ray scorer given the model's bytes."""
     if engine == "local":
         if address is not None or workers is not None:
@@ -191,20 +209,22 @@ def _engine(engine: str, detector: Any, model_file: Path | None, address: str | 
     if isinstance(detector, ExportedModel):
         raise DefectscopeError(f"--engine ray runs model files; {detector.path} is an exported graph. Pass the .dscope file it came from.")
     if model_file is not None:
-        return ray_scorer(model_file.read_bytes(), address=address, workers=workers)
+        return ray_scorer(model_file.read_bytes(), threshold=threshold, address=address, workers=workers)
     with tempfile.TemporaryDirectory() as tmp:  # a zero-shot detector: ship it as a model file like any other
         data = save_detector(detector, Path(tmp) / "zero-shot.dscope").read_bytes()
-    return ray_scorer(data, address=address, workers=workers)
+    return ray_scorer(data, threshold=threshold, address=address, workers=workers)
 
 
-def _load_model(path: Path, runtime: str | None) -> tuple[Any, dict[str, Any]]:
-    """A model file's detector, or an exported graph's runner, and its threshold and map range."""
+def _load_model(path: Path, runtime: str | None) -> tuple[Any, dict[str, Any], str]:
+    """A model file's detector, or an exported graph's runner; its recorded extra (threshold,
+    map range, frame limits); and what identifies it (the model file's hash)."""
     if is_exported(path):
         exported = ExportedModel(path, runtime)
-        return exported, exported.extra
+        return exported, exported.extra, exported.meta["source_sha256"]
     if runtime is not None:
         raise DefectscopeError(f"--runtime is for exported graphs (.onnx, .xml); {path} is a model file, scored by torch.")
-    return load_detector(path), read_manifest(path).get("extra", {})
+    manifest = read_manifest(path)
+    return load_detector(path), manifest.get("extra", {}), manifest["sha256"]
 
 
 @app.command()
@@ -227,13 +247,16 @@ def predict(
 ) -> None:
     """Score images with a fitted model (or a zero-shot --method); results stream into --out.
 
-    Exit status: 0 when every image was scored, 3 when some could not be read (they are in
-    OUT/errors.csv), 2 on an error that stopped the run (what was scored is kept)."""
+    Every row has a verdict: normal, defect, invalid (a frame the model cannot judge, with
+    the reason) or unknown (no threshold). Exit status: 0 when every image was judged, 3
+    when some could not be read (they are in OUT/errors.csv), 4 when none was unreadable
+    but some were invalid, 2 on an error that stopped the run (what was scored is kept)."""
 
     def job() -> int:
         extra: dict[str, Any] = {}
+        model_id = f"zero-shot {method}"
         if method is not None:
-            detector = make_detector(method, **_config(size, resize, options, class_name))
+            detector = make_detector(method, **_config(size, resize, options, class_name, method=method))
             if detector.needs_training_images:
                 raise DefectscopeError(f"{method} learns from normal images: run `defectscope fit DATA -m {method}` and pass the model file.")
             detector.fit(None)
@@ -241,18 +264,20 @@ def predict(
         else:
             if len(inputs) < 2:
                 raise DefectscopeError("Give a model file and at least one image or folder (or a zero-shot --method).")
-            detector, extra = _load_model(inputs[0], runtime)
+            detector, extra, model_id = _load_model(inputs[0], runtime)
             images = inputs[1:]
-        thr = threshold if threshold is not None else (extra.get("threshold") or {}).get("value")
-        paths = pipeline.expand_images(images)
-        scorer = _engine(engine, detector, None if method is not None else inputs[0], address, workers)
+        source = str(inputs[0]) if method is None else f"zero-shot {method}"
+        judge = Judge.of(extra, source, threshold)
+        paths, ignored = pipeline.expand_images(images)
+        scorer = _engine(engine, detector, None if method is not None else inputs[0], address, workers, threshold)
         with _progress() as report:
             summary = predict_folder(
-                detector, paths, out, threshold=thr, map_range=extra.get("map_range"), overlays=heatmaps,
+                detector, paths, out, judge=judge, model_id=model_id, map_range=extra.get("map_range"), overlays=heatmaps,
                 resume=resume, strict=strict, scorer=scorer, progress=report,
             )
+        summary.ignored = ignored
         console.print(summary.line(out))
-        return EXIT_SKIPPED if summary.skipped else 0
+        return EXIT_SKIPPED if summary.skipped else EXIT_INVALID if summary.invalid else 0
 
     code = _run(job)
     if code:
@@ -304,15 +329,15 @@ def ask(
         from defectscope.answers import language_model
         from defectscope.defect_types import DefectTypes
 
-        detector, extra = _load_model(model, None)
-        thr = (extra.get("threshold") or {}).get("value")
-        types = None if defect_examples is None else DefectTypes.from_folder(detector, defect_examples, thr)
+        detector, extra, _ = _load_model(model, None)
+        judge = Judge.of(extra, str(model))
+        types = None if defect_examples is None else DefectTypes.from_folder(detector, defect_examples, judge.threshold)
         lm, unavailable = None, None
         try:
             lm = language_model(llm)
         except DefectscopeError as exc:
             unavailable = str(exc)
-        result = ask_image(detector, image, question, threshold=thr, types=types, llm=lm)
+        result = ask_image(detector, image, question, judge=judge, types=types, llm=lm)
         result.llm_rejected = result.llm_rejected or unavailable
         if result.llm_rejected:
             console.print(f"[yellow]Language model answer not used: {result.llm_rejected}.[/]")
@@ -342,7 +367,7 @@ def evaluate(
     """Fit on train/good (or k sampled shots), score the test split, print the metric table."""
 
     def job() -> None:
-        config = _config(size, resize, options, class_name, (tile, overlap, scale))
+        config = _config(size, resize, options, class_name, (tile, overlap, scale), method)
         html = output is not None and output.suffix.lower() in (".html", ".htm")
         if html and shots:
             raise DefectscopeError("An HTML report is for one fit; write the k-shot table as .md, .csv or .json.")
@@ -477,7 +502,7 @@ def add_normals(
             raise DefectscopeError(f"{output} already exists; choose a new name (model versions are never overwritten).")
         detector = load_detector(model)
         manifest = read_manifest(model)
-        paths = pipeline.expand_images(images)
+        paths, _ = pipeline.expand_images(images)
         change = detector.add_normals(training_samples([Record(p) for p in paths], detector.preprocess))
         extra = {**manifest.get("extra", {}), "parent": manifest["sha256"][:12], "note": f"add-normals: {len(paths)} images"}
         save_detector(detector, output, extra=extra)

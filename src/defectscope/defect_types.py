@@ -12,6 +12,7 @@ the examples, not a tuned constant, say how close is close.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError
 from defectscope.explain import Finding, region_level
 from defectscope.features import fuse_stages
-from defectscope.pipeline import score_samples
+from defectscope.scoring import score_samples
 
+log = logging.getLogger("defectscope")
 UNKNOWN = "unknown"
 INSIDE_SHARE = 0.25  # a feature cell is inside the defect when this share of its pixels is
 
@@ -87,7 +89,18 @@ class DefectTypes:
         signatures: dict[str, list[torch.Tensor]] = {}
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             images = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask"))
-            signatures[sub.name] = [s for s in (example_signature(detector, p, threshold) for p in images) if s is not None]
+            found = {p: example_signature(detector, p, threshold) for p in images}
+            empty = [p.name for p, sig in found.items() if sig is None]
+            signatures[sub.name] = [sig for sig in found.values() if sig is not None]
+            if not signatures[sub.name]:
+                raise DataError(
+                    f"Defect type {sub.name!r} ({sub}) has no usable example: "
+                    + (f"the masks of {', '.join(empty)} are empty and the model finds no region there" if empty else "no images")
+                    + ". Draw the defect in <stem>_mask.png, or remove the folder."
+                )
+            if empty:
+                log.warning("Defect type %r: %d of %d examples have an empty mask and no region above the threshold (%s); left out.",
+                            sub.name, len(empty), len(images), ", ".join(empty))
         if not signatures:
             raise DataError(f"{folder} has no sub-folders; put each defect type's examples in DIR/<type>/.")
         return cls.from_signatures(signatures)
@@ -128,7 +141,7 @@ def example_signature(detector: Detector, path: Path, threshold: float | None) -
     if sample.mask is None:
         if threshold is None:
             raise DataError(f"{path} has no mask ({mask_path.name}) and the model has no threshold to find the defect itself.")
-        _, _, amap = next(score_samples(detector, iter([sample])))
+        amap = next(score_samples(detector, iter([sample]), score_refused=True)).original_map()
         level = region_level(amap, threshold)
         sample.mask = sample_mask(amap >= level, sample)
     return signature(features(detector, sample.image), sample.mask)

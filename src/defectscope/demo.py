@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from defectscope import pipeline
-from defectscope.artifacts import save_detector
+from defectscope.artifacts import read_manifest, save_detector
 from defectscope.data.datasets import load_dataset
 from defectscope.detectors.base import make_detector
 from defectscope.engines.local import predict_folder
@@ -46,13 +46,14 @@ def run_demo(
         result = evaluate(method, dataset, false_alarm_rate=DEFAULT_FALSE_ALARM_RATE, keep_scores=True, progress=report)
         fitted = pipeline.fit(make_detector(method), dataset.train, progress=report)
     model = save_detector(fitted.detector, out / "model.dscope", extra=fitted.extra())
+    model_id = read_manifest(model)["sha256"]
     page = html_report(result, out / "report.html")
     test = dataset.test
     chosen = [r.path for r in test if r.label == 0][:3] + [r.path for r in test if r.label == 1][:3]
     thr = fitted.threshold.value if fitted.threshold else None
     with progress() as report:
         rows = predict_folder(
-            fitted.detector, chosen, out / "predictions", threshold=thr, map_range=fitted.map_range, progress=report
+            fitted.detector, chosen, out / "predictions", judge=fitted.judge(), model_id=model_id, map_range=fitted.map_range, progress=report
         ).rows
     lines = [
         "# defectscope demo",
@@ -61,9 +62,9 @@ def run_demo(
         f"Model file: `{model}`; threshold: "
         + (f"{thr:.4g} ({fitted.threshold.method})" if fitted.threshold else "none"),
         "",
-        "| image | score | flagged defective |",
+        "| image | score | verdict |",
         "|---|---|---|",
-        *[f"| {Path(r['path']).name} | {r['score']:.3f} | {'-' if r['defective'] is None else r['defective']} |" for r in rows],
+        *[f"| {Path(r['path']).name} | {'-' if r['score'] is None else format(r['score'], '.3f')} | {r['verdict']} |" for r in rows],
         "",
         f"Heatmaps: `{out / 'predictions'}`; report with curves, histograms and the worst cases: `{page}`",
     ]

@@ -29,7 +29,9 @@ from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
 from defectscope.errors import DataError
 from defectscope.metrics import image_metrics, misclassified, pixel_metrics
+from defectscope.scoring import Judge, score_samples
 from defectscope.thresholds import from_normal
+from defectscope.verdict import Verdict
 
 COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
@@ -63,6 +65,7 @@ class Scored:
     labels: np.ndarray
     maps: list[np.ndarray]
     masks: list[np.ndarray | None]
+    verdicts: list[Verdict] = field(default_factory=list)
 
 
 @dataclass
@@ -133,24 +136,30 @@ def shrink(amap: np.ndarray, mask: np.ndarray | None, long_side: int | None) -> 
 
 
 def score_records(
-    detector: Detector, records: list[Record], *, batch_size: int = 8, metric_size: int | None = None, progress: Progress | None = None
+    detector: Detector,
+    records: list[Record],
+    *,
+    judge: Judge | None = None,
+    batch_size: int = 8,
+    metric_size: int | None = None,
+    progress: Progress | None = None,
 ) -> Scored:
-    """Run the detector over records; keep scores, content-cropped maps and masks (shrunk to
-    ``metric_size`` px on the long side when larger, see `shrink`)."""
-    scores, labels, maps, masks = [], [], [], []
-    done = 0
-    for batch, pred in detector.predict_samples(iter_samples(records, detector.preprocess), batch_size):
-        for s, score, amap in zip(batch, pred.scores, pred.maps, strict=True):
-            scores.append(float(score))
-            labels.append(s.label)
-            mask = None if s.mask is None else crop_content(s.mask, s.geometry).numpy()
-            amap, mask = shrink(crop_content(amap, s.geometry).numpy(), mask, metric_size)
-            maps.append(amap)
-            masks.append(mask)
-        done += len(batch)
+    """Score records through `scoring.score_samples` (every image scored, in order, also
+    those ``judge`` calls invalid); keep scores, verdicts, content-cropped maps and masks
+    (shrunk to ``metric_size`` px on the long side when larger, see `shrink`)."""
+    scores, labels, maps, masks, verdicts = [], [], [], [], []
+    for j in score_samples(detector, iter_samples(records, detector.preprocess), judge=judge, batch_size=batch_size, score_refused=True):
+        s = j.sample
+        scores.append(j.score)
+        labels.append(s.label)
+        verdicts.append(j.verdict)
+        mask = None if s.mask is None else crop_content(s.mask, s.geometry).numpy()
+        amap, mask = shrink(crop_content(j.map, s.geometry).numpy(), mask, metric_size)
+        maps.append(amap)
+        masks.append(mask)
         if progress:
-            progress("predict", done, len(records))
-    return Scored(records, np.array(scores), np.array(labels), maps, masks)
+            progress("predict", len(scores), len(records))
+    return Scored(records, np.array(scores, dtype=np.float64), np.array(labels), maps, masks, verdicts)
 
 
 def error_rates(scored: Scored, threshold: float) -> tuple[float, float]:

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from defectscope.verdict import decide
+
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 
 
@@ -94,11 +96,13 @@ def severity(score: float, threshold: float) -> str:
 class Finding:
     """What one prediction says: verdict, score against the threshold, the regions."""
 
-    score: float
+    score: float | None  # None when a frame check refused the image before scoring
     threshold: float | None
-    defective: bool | None  # None without a threshold
+    defective: bool | None  # None without a threshold, or when the frame could not be judged
     severity: str | None  # "slightly" / "moderately" / "highly" anomalous, for defective images
     regions: list[Region]
+    verdict: str = "unknown"  # `verdict.decide`: normal, defect, invalid or unknown
+    reason: str | None = None  # why, for invalid (and unknown)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "regions": [r.to_dict() for r in self.regions]}
@@ -111,20 +115,23 @@ def region_level(amap: np.ndarray, threshold: float) -> float:
     return threshold if peak >= threshold else 0.5 * (float(np.median(amap)) + peak)
 
 
-def _finding(score: float, threshold: float | None, regions: Callable[[], list[Region]]) -> Finding:
-    """The verdict and severity of ``score`` at ``threshold``; ``regions`` only for a defective one."""
-    if threshold is None:
-        return Finding(score, None, None, None, [])
-    if score < threshold:
-        return Finding(score, threshold, False, None, [])
-    return Finding(score, threshold, True, severity(score, threshold), regions())
+def _finding(score: float | None, threshold: float | None, regions: Callable[[], list[Region]], invalid: str | None) -> Finding:
+    """The verdict (`verdict.decide`) and severity of ``score`` at ``threshold``; ``regions``
+    only for a defective one."""
+    verdict = decide(score, threshold, invalid)
+    if verdict.label in ("invalid", "unknown"):
+        return Finding(score, threshold, None, None, [], verdict.label, verdict.reason)
+    if verdict.label == "normal":
+        return Finding(score, threshold, False, None, [], "normal")
+    return Finding(score, threshold, True, severity(score, threshold), regions(), "defect")  # type: ignore[arg-type]
 
 
-def make_finding(score: float, amap: np.ndarray, threshold: float | None, *, limit: int = 5) -> Finding:
-    """The finding of one image's score and anomaly map (original size) at ``threshold``."""
-    return _finding(score, threshold, lambda: find_regions(amap, region_level(amap, threshold), limit=limit))
+def make_finding(score: float | None, amap: np.ndarray | None, threshold: float | None, *, invalid: str | None = None, limit: int = 5) -> Finding:
+    """The finding of one image's score and anomaly map (original size) at ``threshold``;
+    ``invalid``: the reason a frame check gave."""
+    return _finding(score, threshold, lambda: find_regions(amap, region_level(amap, threshold), limit=limit), invalid)
 
 
-def stored_finding(score: float, threshold: float | None, regions: list[dict]) -> Finding:
+def stored_finding(score: float | None, threshold: float | None, regions: list[dict], *, invalid: str | None = None) -> Finding:
     """A finding rebuilt from a recorded result (the station's store), without rescoring."""
-    return _finding(score, threshold, lambda: [Region(**r) for r in regions])
+    return _finding(score, threshold, lambda: [Region(**r) for r in regions], invalid)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from defectscope.verdict import flagged
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -150,9 +152,9 @@ def pro_area(c: Curve, fpr_limit: float) -> float:
 
 
 def misclassified(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int]:
-    """(false positives, false negatives) when score >= threshold means defective."""
+    """(false positives, false negatives) at ``threshold``, by the verdict rule (`verdict.flagged`)."""
     scores, labels = _check(scores, labels)
-    pred = scores >= threshold
+    pred = flagged(scores, threshold)
     return int(np.sum(pred & ~labels)), int(np.sum(~pred & labels))
 
 

@@ -5,9 +5,14 @@ rate from the normal scores of *all* training images, each scored by a model tha
 see it (`Detector.fit_scored`: leave-one-image-out for memory banks, cross-fitting for the
 rest). The old rule, holding out a seeded fraction, is ``holdout > 0``. With a validation
 set that has defective images the threshold is F1-optimal instead; a validation set that
-is the test split (or the training images) is refused unless forced. Scoring is
-`score_samples`, the one way every user-facing path scores images (batch runs into a
-folder are `defectscope.engines.local`).
+is the test split (or the training images) is refused unless forced.
+
+Before any of that, every training image is decoded once and checked (`gate.learn_frames`):
+an unreadable, blank or non-finite training image stops the fit, naming the file, and the
+frame limits the model will judge new images by are learned from the rest. The "not the
+trained part" limit comes from the same unseen-image map medians as the threshold.
+Scoring is `scoring.score_samples`, the one way every path scores images (batch runs into
+a folder are `defectscope.engines.local`).
 """
 
 from __future__ import annotations
@@ -15,18 +20,20 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from defectscope.data.datasets import Record, Sample, load_dataset, load_folder, training_records
-from defectscope.data.images import IMAGE_SUFFIXES, to_original
+from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder, training_records
+from defectscope.data.images import IMAGE_SUFFIXES
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import ConfigError, DataError
 from defectscope.evaluate import score_records
+from defectscope.gate import Gate, learn_frames
+from defectscope.scoring import Judge
 from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold, choose, from_normal
 
 log = logging.getLogger("defectscope")
@@ -45,17 +52,24 @@ def split_holdout(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 @dataclass
 class Fitted:
-    """A fitted detector with its threshold and the map range used to colour heatmaps."""
+    """A fitted detector with its threshold, the map range used to colour heatmaps, and
+    the frame limits it judges new images by."""
 
     detector: Detector
     threshold: Threshold | None
     map_range: tuple[float, float] | None
+    gate: Gate = field(default_factory=Gate.fixed)
 
     def extra(self) -> dict[str, Any]:
         return {
             "threshold": None if self.threshold is None else self.threshold.to_dict(),
             "map_range": self.map_range,
+            "gate": self.gate.to_dict(),
         }
+
+    def judge(self) -> Judge:
+        """How this model decides: its threshold and frame limits (as a saved file would)."""
+        return Judge(None if self.threshold is None else self.threshold.value, self.gate)
 
 
 def file_digest(path: Path) -> str:
@@ -103,44 +117,46 @@ def fit(
         detector.fit(None, progress=progress)
         return Fitted(detector, None, None)
     records = data if isinstance(data, list) else training_records(data)
+    if validation is not None and test_of is None and not isinstance(data, list):
+        test_of = data
+    frames = learn_frames(iter_samples(records, detector.preprocess))
+    return _fit_threshold(detector, records, frames, false_alarm_rate, holdout, validation, test_of, force, seed, progress)
+
+
+def _fit_threshold(
+    detector: Detector, records: list[Record], frames: Gate, false_alarm_rate: float, holdout: float,
+    validation: str | Path | None, test_of: str | Path | None, force: bool, seed: int, progress: Progress | None,
+) -> Fitted:
+    """`fit` once the training images are checked: the detector, its threshold and map range."""
     if validation is not None:
         val = load_dataset(validation).test
-        if test_of is None and not isinstance(data, list):
-            test_of = data
         check_validation(val, records, test_of, force=force)
         detector.fit(training_samples(records, detector.preprocess), progress=progress)
-        return _from_scored(detector, val, false_alarm_rate, "validation", progress)
+        return _from_scored(detector, val, false_alarm_rate, "validation", frames, progress)
     if holdout > 0:
         fit_recs, held = split_holdout(records, holdout, seed)
         detector.fit(training_samples(fit_recs, detector.preprocess), progress=progress)
         if held:
-            return _from_scored(detector, held, false_alarm_rate, "held-out", progress)
+            return _from_scored(detector, held, false_alarm_rate, "held-out", frames, progress)
         normal = None
     else:
         normal = detector.fit_scored(records, seed=seed, progress=progress)
     if normal is None:
         log.warning("Too few normal images (%d) to score any unseen: no decision threshold is set.", len(records))
-        return Fitted(detector, None, None)
+        return Fitted(detector, None, None, frames)
     threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)
-    return Fitted(detector, threshold, (normal.map_low, max(threshold.value, normal.map_high)))
+    return Fitted(detector, threshold, (normal.map_low, max(threshold.value, normal.map_high)), frames.with_map_medians(normal.medians))
 
 
-def _from_scored(detector: Detector, records: list[Record], rate: float, source: str, progress: Progress | None) -> Fitted:
-    """Threshold and map range from scoring ``records`` (held-out normal or validation images)."""
+def _from_scored(detector: Detector, records: list[Record], rate: float, source: str, frames: Gate, progress: Progress | None) -> Fitted:
+    """Threshold, map range and "not the part" limit from scoring ``records`` (held-out
+    normal or validation images)."""
     scored = score_records(detector, records, progress=progress)
     threshold = choose(scored.scores, scored.labels, false_alarm_rate=rate, source=source)
-    normal_maps = np.concatenate([m.ravel() for m, y in zip(scored.maps, scored.labels, strict=True) if y == 0])
-    return Fitted(detector, threshold, (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max()))))
-
-
-def score_samples(
-    detector: Detector, samples: Iterable[Sample], *, batch_size: int = 8
-) -> Iterator[tuple[Sample, float, np.ndarray]]:
-    """(sample, image score, anomaly map at the original image size) per sample: the one
-    way every user-facing path (CLI predict, the station) scores images."""
-    for group, pred in detector.predict_samples(samples, batch_size=batch_size):
-        for sample, score, amap in zip(group, pred.scores.tolist(), pred.maps, strict=True):
-            yield sample, float(score), to_original(amap, sample.geometry).numpy()
+    normal = [m for m, y in zip(scored.maps, scored.labels, strict=True) if y == 0]
+    normal_maps = np.concatenate([m.ravel() for m in normal])
+    gate = frames.with_map_medians(np.array([np.median(m) for m in normal]))
+    return Fitted(detector, threshold, (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max()))), gate)
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:
@@ -153,12 +169,16 @@ def output_names(paths: list[Path]) -> dict[Path, str]:
         depth += 1
 
 
-def expand_images(inputs: list[Path]) -> list[Path]:
-    """Image paths from a mix of files and folders (folders are searched recursively)."""
+def expand_images(inputs: list[Path]) -> tuple[list[Path], int]:
+    """Image paths from a mix of files and folders (folders are searched recursively), and
+    how many files in those folders were left out for their suffix (not an image suffix)."""
     paths: list[Path] = []
+    ignored = 0
     for p in inputs:
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            files = [f for f in p.rglob("*") if f.is_file()]
+            found = sorted(f for f in files if f.suffix.lower() in IMAGE_SUFFIXES)
+            ignored += len(files) - len(found)
             paths.extend(found or [r.path for r in load_folder(p)])  # load_folder explains an empty folder
         else:
             paths.append(p)
@@ -167,5 +187,5 @@ def expand_images(inputs: list[Path]) -> list[Path]:
     for p in paths:
         if not p.is_file():
             raise DataError(f"Image not found: {p}. Check the path.")
-    return paths
+    return paths, ignored
 

@@ -1,7 +1,7 @@
 """Scoring with an exported graph (`defectscope.export`) in ONNX Runtime or OpenVINO.
 
 An `ExportedModel` stands where a fitted detector stands: it has the model's
-preprocessing and a ``predict`` that returns a `Prediction`, so `pipeline.score_samples`,
+preprocessing and a ``predict`` that returns a `Prediction`, so `scoring.score_samples`,
 batch runs and their output files are the same as for a model file. Only the graph runs
 in the runtime; decoding and resizing images is the package's, as for torch.
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from defectscope.errors import ConfigError
 from defectscope.metrics import f1_max
+from defectscope.verdict import check_threshold
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 
@@ -36,6 +37,9 @@ class Threshold:
     source: str = ""
     false_alarm_rate: float | None = None
 
+    def __post_init__(self) -> None:
+        check_threshold(self.value, f"threshold ({self.method})")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -52,6 +56,8 @@ def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> Threshold:
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         raise ConfigError("An F1-optimal threshold needs both normal and defective validation images.")
+    if not np.all(np.isfinite(scores)):
+        raise ConfigError("An F1-optimal threshold needs finite scores; leave out the images the model could not judge.")
     _, value = f1_max(scores, labels)
     return Threshold(value, "f1-optimal on validation images", int((~labels).sum()), int(labels.sum()), "validation")
 
@@ -65,6 +71,12 @@ def from_normal(
     string then says the rate is not resolved by the data.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ConfigError(
+            f"{bad} of {scores.size} normal images got a score that is not a finite number, so no threshold can be set "
+            "from them; check those images (frame checks refuse NaN pixels) or report the method's failure."
+        )
     if scores.size < 2:
         raise ConfigError("A threshold from normal images needs the scores of at least two normal images.")
     what = f"{source} normal scores of {scores.size} images"

@@ -9,6 +9,7 @@ shape unless the user asks for that (`resize="squash"`).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,21 +24,48 @@ from defectscope.errors import DataError
 log = logging.getLogger("defectscope")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIDE = 32  # the smallest side a CNN with stride 32 still gives a feature map for
+MAX_PIXELS = 40_000_000  # larger images are refused before decoding (a 20000 x 20000 header is a bomb)
+FORMATS = "PNG, JPEG, BMP, TIFF or WebP"
 ResizeMode = Literal["aspect", "letterbox", "squash"]
 
 
+def decode_problem(exc: BaseException) -> str:
+    """What went wrong decoding a file, in words (no Python object reprs)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return f"it is not an image in a format that can be read ({FORMATS})"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "its header declares far more pixels than a camera image has (a decompression bomb)"
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(exc)) or type(exc).__name__
+    if "truncated" in text or isinstance(exc, EOFError):
+        return f"the file is truncated ({text})"
+    return f"it is damaged ({type(exc).__name__}: {text})"
+
+
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS, before decoding it."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise DataError(
+            f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP limit; "
+            "send a camera image (or scale it down first)."
+        )
+
+
 def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode ``path``; any failure is a `DataError` naming the file and the fix."""
     if not path.is_file():
         raise DataError(f"{what} not found: {path}. Check the path, or remove the entry that names it.")
     try:
         img = Image.open(path)
+        check_pixels(img.size, f"{what} {path}")
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return ImageOps.exif_transpose(img)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types for a damaged file; each is this file's fault
         raise DataError(
-            f"Cannot read {what} {path}: {exc}. The file is not an image or is truncated; "
-            "replace it or move it out of the folder."
+            f"Cannot read {what} {path}: {decode_problem(exc)}. Replace it with a {FORMATS} file or move it out of the folder."
         ) from exc
-    return ImageOps.exif_transpose(img)
 
 
 def _to_float_array(img: Image.Image) -> np.ndarray:
@@ -49,8 +77,10 @@ def _to_float_array(img: Image.Image) -> np.ndarray:
             scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
             arr = arr / scale
         else:
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            finite = np.isfinite(arr)
+            arr = np.where(finite, arr, np.nan)  # NaN and inf stay NaN: the frame checks refuse them
+            lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.where(finite, 0.0, np.nan).astype(np.float32)
         return np.clip(arr, 0.0, 1.0)[..., None]
     if mode in ("1", "L", "LA"):
         return (np.asarray(img.convert("L"), dtype=np.float32) / 255.0)[..., None]
@@ -144,10 +174,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as img:
             w, h = img.size
             orientation = img.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"Cannot read {path}: {exc}. The file is not an image or is damaged; replace or remove it."
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - as in _open
+        raise DataError(f"Cannot read {path}: {decode_problem(exc)}. Replace it with a {FORMATS} file or remove it.") from exc
+    check_pixels((w, h), str(path))
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 

@@ -50,6 +50,7 @@ class NormalScores:
     how: str
     map_low: float  # median of the images' median map values
     map_high: float  # largest map value
+    medians: np.ndarray | None = None  # each image's median map value, in record order ("not the part")
 
     @staticmethod
     def summarize(pred: Prediction) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,9 +62,10 @@ class NormalScores:
     def collect(cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], order: Sequence[int], how: str) -> NormalScores:
         """From `summarize`d batches whose images are ``order`` (indices into the records); the
         scores come back in record order."""
-        scores = np.concatenate([p[0] for p in parts])[np.argsort(np.asarray(order), kind="stable")]
-        medians = np.concatenate([p[1] for p in parts])
-        return cls(scores, how, float(np.median(medians)), float(max(p[2].max() for p in parts)))
+        back = np.argsort(np.asarray(order), kind="stable")
+        scores = np.concatenate([p[0] for p in parts])[back]
+        medians = np.concatenate([p[1] for p in parts])[back]
+        return cls(scores, how, float(np.median(medians)), float(max(p[2].max() for p in parts)), medians)
 
 
 class Detector(ABC):

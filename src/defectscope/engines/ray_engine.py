@@ -5,7 +5,7 @@ to Ray Data as a dataset of paths; an actor pool scores them, each actor loading
 once from the model file's bytes (shipped through Ray's object store, so worker machines
 need no copy of it, only the images at the same paths, e.g. on a shared mount). Actors
 read their own files, so reading is as parallel as scoring. Every actor scores with
-`engines.local.local_scorer` (so `pipeline.score_samples`) on the detector that `artifacts.load_detector` returns (hash
+`engines.local.local_scorer` (so `scoring.score_samples`) on the detector that `artifacts.load_detector` returns (hash
 checked), exactly as the local engine does; a file an actor cannot read comes back as an
 error row and the run goes on. Results stream back to the driver, which writes them with
 the local engine's writer (`engines.local.predict_folder`). Ray schedules everything;
@@ -46,15 +46,17 @@ class _ModelActor:
         import ray
         import torch
 
-        from defectscope.artifacts import load_detector
+        from defectscope.artifacts import load_detector, read_manifest
+        from defectscope.scoring import Judge
 
         torch.set_num_threads(threads)
-        data = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+        data, threshold = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
         fd, tmp = tempfile.mkstemp(suffix=".dscope")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             self.detector = load_detector(tmp)
+            self.judge = Judge.of(read_manifest(tmp).get("extra", {}), "the model file", threshold)
         finally:
             os.unlink(tmp)
         self.batch_size, self.want_maps = batch_size, want_maps
@@ -62,15 +64,18 @@ class _ModelActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         errors: dict[str, str] = {}
         paths = [Path(p) for p in batch["path"].tolist()]
-        groups = local_scorer(self.detector, batch_size=self.batch_size)(paths, self.want_maps, lambda p, e: errors.__setitem__(p, str(e)))
-        scored = {p: (score, amap) for group in groups for p, score, amap in group}
-        out: dict[str, list[Any]] = {"path": [], "score": [], "error": [], "map": [], "height": [], "width": []}
+        groups = local_scorer(self.detector, self.judge, batch_size=self.batch_size)(paths, self.want_maps, lambda p, e: errors.__setitem__(p, str(e)))
+        scored = {r.path: r for group in groups for r in group}
+        out: dict[str, list[Any]] = {k: [] for k in ("path", "score", "verdict", "reason", "error", "map", "height", "width")}
         for key in map(str, paths):
-            score, amap = scored.get(key, (float("nan"), None))
+            r = scored.get(key)
+            amap = None if r is None else r.map
             keep = amap is not None
             out["path"].append(key)
-            out["score"].append(score)
-            out["error"].append(errors.get(key, ""))
+            out["score"].append(float("nan") if r is None or r.score is None else r.score)
+            out["verdict"].append("" if r is None else r.verdict)
+            out["reason"].append("" if r is None else r.reason or "")
+            out["error"].append(errors.get(key) or ("" if r is not None else "the Ray worker returned no result for this image"))
             out["map"].append(amap.astype(np.float32).tobytes() if keep else b"")  # bytes: maps differ in shape
             out["height"].append(amap.shape[0] if keep else 0)
             out["width"].append(amap.shape[1] if keep else 0)
@@ -80,12 +85,14 @@ class _ModelActor:
 def _unpack(batch: dict[str, np.ndarray], on_error: OnError) -> Iterator[list[Scored]]:
     """Rows of one result batch back to `Scored` (errors reported through ``on_error``)."""
     good: list[Scored] = []
-    for path, score, error, raw, h, w in zip(*(batch[k] for k in ("path", "score", "error", "map", "height", "width")), strict=True):
-        if error:
-            on_error(str(path), DataError(str(error)))
+    keys = ("path", "score", "verdict", "reason", "error", "map", "height", "width")
+    for path, score, verdict, reason, error, raw, h, w in zip(*(batch[k] for k in keys), strict=True):
+        if error or not verdict:
+            on_error(str(path), DataError(str(error or "the Ray worker returned no verdict for this image")))
             continue
         amap = np.frombuffer(raw, dtype=np.float32).reshape(int(h), int(w)) if h else None
-        good.append((str(path), float(score), amap))
+        score = float(score)
+        good.append(Scored(str(path), score if np.isfinite(score) else None, str(verdict), str(reason) or None, amap))
     if good:
         yield good
 
@@ -125,9 +132,12 @@ def _connect(address: str | None, workers: int | None) -> tuple[bool, int]:
     return True, int(ray.cluster_resources().get("CPU", 1))
 
 
-def ray_scorer(model_bytes: bytes, *, address: str | None = None, workers: int | None = None, batch_size: int = 8) -> Scorer:
+def ray_scorer(
+    model_bytes: bytes, *, threshold: float | None = None, address: str | None = None, workers: int | None = None, batch_size: int = 8
+) -> Scorer:
     """A `Scorer` that runs on Ray: ``workers`` actors (default: one per 2 CPUs of the
-    cluster), each with an equal share of the cluster's CPUs as torch threads."""
+    cluster), each with an equal share of the cluster's CPUs as torch threads, each judging
+    with the model file's recorded frame limits and ``threshold`` (None: the file's own)."""
     if not has_ray():
         raise ConfigError("--engine ray needs Ray: pip install 'ray[data]' (or `pip install defectscope[ray]`).")
     if workers is not None and workers < 1:
@@ -153,7 +163,7 @@ def ray_scorer(model_bytes: bytes, *, address: str | None = None, workers: int |
             )
             scored = ds.map_batches(
                 _ModelActor,
-                fn_constructor_kwargs={"model_ref": ray.put(model_bytes), "threads": threads, "batch_size": batch_size, "want_maps": want_maps},
+                fn_constructor_kwargs={"model_ref": ray.put((model_bytes, threshold)), "threads": threads, "batch_size": batch_size, "want_maps": want_maps},
                 batch_size=batch_size,
                 batch_format="numpy",
                 concurrency=n,

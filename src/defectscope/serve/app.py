@@ -117,7 +117,7 @@ def create_app(station: Station, *, token: str | None = None, require_token: boo
 
     @app.get("/v1/results", summary="Results, newest first, paged; filter by verdict and review state")
     async def results(
-        verdict: Annotated[Literal["defect", "normal", "unknown"] | None, Query()] = None,
+        verdict: Annotated[Literal["defect", "normal", "invalid", "unknown"] | None, Query()] = None,
         review: Annotated[Literal["normal", "defect", "unreviewed"] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
@@ -134,7 +134,7 @@ def create_app(station: Station, *, token: str | None = None, require_token: boo
         result_id: str, q: Annotated[str, Query(max_length=500, description="The question.")] = "Is there an anomaly in this image?"
     ) -> dict[str, Any]:
         r = stored(result_id)
-        return answer(stored_finding(r.score, r.threshold, r.regions), q).to_dict()
+        return answer(stored_finding(r.score, r.threshold, r.regions, invalid=r.reason if r.verdict == "invalid" else None), q).to_dict()
 
     @app.get("/v1/results/{result_id}/image", summary="The scored image as it was received", response_class=FileResponse)
     async def image(result_id: str) -> FileResponse:
@@ -163,6 +163,8 @@ def create_app(station: Station, *, token: str | None = None, require_token: boo
     async def threshold(body: ThresholdRequest) -> dict[str, Any]:
         try:
             new = await asyncio.to_thread(station.set_threshold, body.value, f1=body.f1_from_reviews)
+        except ConfigError as exc:  # a threshold that is not a finite positive number, or no reviews to set one from
+            raise HTTPException(422, str(exc)) from exc
         except DefectscopeError as exc:
             raise HTTPException(409, str(exc)) from exc
         return new.describe()

@@ -1,6 +1,6 @@
 """The station: one loaded model (with versions), micro-batched scoring, corrections.
 
-Scoring goes through `pipeline.score_samples`, the same path as `defectscope predict`.
+Scoring goes through `scoring.score_samples` (frame checks, verdicts), the same path as `defectscope predict`.
 Requests that arrive together are scored as one batch by a worker thread
 (`MicroBatcher`). A correction ("good part") adds the image to the model's normal data
 with `Detector.add_normals`, writes a *new* model file next to the current one and
@@ -21,24 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, iter_samples
-from defectscope.data.images import load_image
+from defectscope.data.images import FORMATS, check_pixels, decode_problem, load_image
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError
 from defectscope.explain import make_finding
-from defectscope.pipeline import score_samples
 from defectscope.report import overlay
+from defectscope.scoring import Judge, Judged, score_samples
 from defectscope.serve.store import Result, SQLiteStore, new_id
 from defectscope.thresholds import Threshold, f1_optimal
 
 log = logging.getLogger("defectscope")
 MAX_UPLOAD_BYTES = 32 * 2**20
-MAX_PIXELS = 40_000_000
-FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 
 
 class UploadError(DataError):
@@ -57,13 +56,14 @@ class ModelVersion:
     path: Path
     detector: Detector
     manifest: dict[str, Any]
+    judge: Judge
 
     @classmethod
     def load(cls, path: str | Path) -> ModelVersion:
         path = Path(path)
         detector = load_detector(path)
         manifest = read_manifest(path)
-        return cls(manifest["sha256"][:12], path, detector, manifest)
+        return cls(manifest["sha256"][:12], path, detector, manifest, Judge.of(manifest.get("extra", {}), str(path)))
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -71,7 +71,7 @@ class ModelVersion:
 
     @property
     def threshold(self) -> float | None:
-        return (self.extra.get("threshold") or {}).get("value")
+        return self.judge.threshold
 
     @property
     def map_range(self) -> tuple[float, float] | None:
@@ -113,18 +113,19 @@ def check_upload(data: bytes, name: str) -> str:
         raise UploadError(f"{name}: {len(data) / 2**20:.1f} MB is over the {MAX_UPLOAD_BYTES // 2**20} MB upload limit.", 413)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
             fmt = img.format
-            if w * h > MAX_PIXELS:
-                raise UploadError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP limit.", 413)
+            try:
+                check_pixels(img.size, name)
+            except DataError as exc:
+                raise UploadError(str(exc), 413) from None
             img.load()
     except UploadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UploadError(f"{name}: not a readable image ({exc}); send a PNG, JPEG, BMP, TIFF or WebP file.") from exc
-    if fmt not in FORMATS:
-        raise UploadError(f"{name}: image format {fmt} is not accepted; send PNG, JPEG, BMP, TIFF or WebP.")
-    return FORMATS[fmt]
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types for a damaged upload; each is the upload's fault
+        raise UploadError(f"{name}: not a readable image: {decode_problem(exc)}. Send a {FORMATS} file.") from exc
+    if fmt not in SUFFIXES:
+        raise UploadError(f"{name}: image format {fmt} is not accepted; send a {FORMATS} file.")
+    return SUFFIXES[fmt]
 
 
 @dataclass
@@ -217,29 +218,33 @@ class Station:
         samples = iter_samples([Record(j.path) for j in jobs], model.detector.preprocess)
         out: list[Result | Exception] = []
         try:
-            scored = list(score_samples(model.detector, samples, batch_size=self.batcher.max_batch))
+            scored = {j.path: j for j in score_samples(model.detector, samples, judge=model.judge, batch_size=self.batcher.max_batch)}
         except DataError as exc:  # one unreadable file: score the others one by one
             if len(jobs) == 1:
                 jobs[0].path.unlink(missing_ok=True)  # no result, so no orphaned image either
                 return [UploadError(str(exc))]
             return [r for j in jobs for r in self._score_jobs([j])]
         per_image = (time.perf_counter() - t0) / len(jobs)
-        for job, (_, score, amap) in zip(jobs, scored, strict=True):
-            out.append(self._record(job, score, amap, model, per_image, len(jobs)))
+        for job in jobs:
+            out.append(self._record(job, scored[str(job.path)], model, per_image, len(jobs)))
         return out
 
-    def _record(self, job: Job, score: float, amap: np.ndarray, model: ModelVersion, seconds: float, batch: int) -> Result:
+    def _record(self, job: Job, judged: Judged, model: ModelVersion, seconds: float, batch: int) -> Result:
         t0 = time.perf_counter()
-        thr = model.threshold
-        regions = [r.to_dict() for r in make_finding(score, amap, thr).regions]
-        lo, hi = model.map_range or (float(amap.min()), float(amap.max()))
-        heat = self.store.root / "images" / f"{job.id}_heatmap.png"
-        overlay(load_image(job.path), amap, vmin=lo, vmax=hi).save(heat)
-        verdict = "unknown" if thr is None else ("defect" if score >= thr else "normal")
+        amap = judged.original_map()
+        finding = make_finding(judged.score, amap, model.threshold, invalid=judged.verdict.reason if not judged.verdict.judged else None)
+        heat = job.path  # a frame refused before scoring has no map: its "overlay" is the frame itself
+        if amap is not None:
+            lo, hi = model.map_range or (float(amap.min()), float(amap.max()))
+            heat = self.store.root / "images" / f"{job.id}_heatmap.png"
+            overlay(load_image(job.path), amap, vmin=lo, vmax=hi).save(heat)
+        score = judged.score if judged.score is not None and np.isfinite(judged.score) else None
         result = Result(
             job.id, time.time(), job.source, str(job.path.relative_to(self.store.root)),
-            str(heat.relative_to(self.store.root)), score, thr, verdict, model.version, regions,
+            str(heat.relative_to(self.store.root)), score, model.threshold, judged.verdict.label, model.version,
+            [r.to_dict() for r in finding.regions],
             {"score_ms": 1000 * seconds, "record_ms": 1000 * (time.perf_counter() - t0), "batch": batch},
+            reason=judged.verdict.reason if not judged.verdict.judged else None,
         )
         self.store.add(result, seen_key=job.seen_key)
         return result
@@ -272,6 +277,12 @@ class Station:
     def feedback(self, result_id: str, label: str) -> tuple[Result, dict[str, Any] | None]:
         """Record a review; a first "normal" on an image adds it to the model's normal data."""
         with self._update:
+            known = self.store.get(result_id)
+            if known is not None and known.verdict == "invalid" and label == "normal":
+                raise ConfigError(
+                    f"Result {result_id} could not be judged ({known.reason}); a frame the model cannot judge is never "
+                    "taught as a good part. Send a proper image of the part instead."
+                )
             result, previous = self.store.set_review(result_id, label)
             if label != "normal" or previous == "normal":
                 return result, None
@@ -290,7 +301,7 @@ class Station:
                 thr = f1_optimal(scores, labels)
                 thr = Threshold(thr.value, "f1-optimal on images reviewed at the station", thr.n_normal, thr.n_defective, "station reviews")
             elif value is not None:
-                thr = Threshold(float(value), "set by hand at the station", 0, 0, "station")
+                thr = Threshold(value, "set by hand at the station", 0, 0, "station")
             else:
                 raise ConfigError("Give a threshold value, or ask for the F1-optimal one on reviewed images.")
             detector = load_detector(self.current.path)

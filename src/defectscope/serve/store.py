@@ -36,14 +36,15 @@ class Result:
     source: str  # "upload:<name>" or "watch:<path>" (for people; never used as a path)
     image_file: str  # relative to the store folder
     heatmap_file: str
-    score: float
+    score: float | None  # None when a frame check refused the image before scoring
     threshold: float | None
-    verdict: str  # "defect", "normal" or "unknown" (no threshold)
+    verdict: str  # `verdict.decide`: "defect", "normal", "invalid" or "unknown" (no threshold)
     model_version: str
     regions: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     review: str | None = None
     reviewed_at: float | None = None
+    reason: str | None = None  # why the verdict is invalid
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,9 +75,9 @@ def new_id() -> str:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id TEXT PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL,
-    image_file TEXT NOT NULL, heatmap_file TEXT NOT NULL, score REAL NOT NULL, threshold REAL,
+    image_file TEXT NOT NULL, heatmap_file TEXT NOT NULL, score REAL, threshold REAL,
     verdict TEXT NOT NULL, model_version TEXT NOT NULL, regions TEXT NOT NULL, timings TEXT NOT NULL,
-    review TEXT, reviewed_at REAL
+    review TEXT, reviewed_at REAL, reason TEXT
 );
 CREATE INDEX IF NOT EXISTS results_created ON results(created);
 CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, result_id TEXT, at REAL NOT NULL);
@@ -96,8 +97,23 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             raise DataError(f"{self.root / 'results.sqlite3'} is not a usable results store ({exc}); move it away or choose another --store.") from exc
+
+    def _migrate(self) -> None:
+        """Bring a store written before verdict reasons existed to this schema (score may be
+        NULL, a reason column), keeping every row, in one transaction."""
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
+        if "reason" in columns:
+            return
+        with self._tx() as db:
+            db.execute("ALTER TABLE results RENAME TO results_old")
+            db.execute("DROP INDEX IF EXISTS results_created")
+            for statement in SCHEMA.split(";")[:2]:
+                db.execute(statement)
+            db.execute(f"INSERT INTO results SELECT {', '.join(columns)}, NULL FROM results_old")
+            db.execute("DROP TABLE results_old")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -119,9 +135,9 @@ class SQLiteStore:
         r = result
         with self._tx() as db:
             db.execute(
-                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.id, r.created, r.source, r.image_file, r.heatmap_file, r.score, r.threshold, r.verdict,
-                 r.model_version, json.dumps(r.regions), json.dumps(r.timings), r.review, r.reviewed_at),
+                 r.model_version, json.dumps(r.regions), json.dumps(r.timings), r.review, r.reviewed_at, r.reason),
             )
             if seen_key is not None:
                 db.execute("INSERT OR REPLACE INTO seen VALUES (?,?,?)", (seen_key, r.id, r.created))
@@ -181,14 +197,17 @@ class SQLiteStore:
         """(time, score, review or '') of the latest ``limit`` results, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT created, score, COALESCE(review, '') FROM results ORDER BY created DESC LIMIT ?", (limit,)
+                "SELECT created, score, COALESCE(review, '') FROM results WHERE score IS NOT NULL ORDER BY created DESC LIMIT ?", (limit,)
             ).fetchall()
         return [tuple(r) for r in reversed(rows)]
 
     def reviewed(self) -> list[tuple[float, str]]:
-        """(score, review) of every reviewed result."""
+        """(score, review) of every reviewed result the model could judge (invalid frames
+        have no score a threshold could be set on)."""
         with self._lock:
-            return [tuple(r) for r in self._db.execute("SELECT score, review FROM results WHERE review IS NOT NULL")]
+            return [tuple(r) for r in self._db.execute(
+                "SELECT score, review FROM results WHERE review IS NOT NULL AND verdict != 'invalid' AND score IS NOT NULL"
+            )]
 
     def seen(self, key: str) -> bool:
         with self._lock:

@@ -31,13 +31,15 @@ async function loadModel() {
   $("threshold-how").textContent = m.threshold ? `(${m.threshold.method})` : "";
 }
 
+const fmtScore = (score) => (score === null || score === undefined ? "not scored" : score.toPrecision(4));
+
 function item(r) {
   const li = document.createElement("li");
   li.dataset.id = r.id;
   li.className = r.id === state.selected ? "selected" : "";
   const review = r.review ? ` · reviewed ${r.review}` : "";
   li.innerHTML = `<img src="${r.heatmap_url}" alt="">
-    <div><span class="verdict-${r.verdict}">${r.verdict}</span> ${r.score.toPrecision(4)}
+    <div><span class="verdict-${r.verdict}">${r.verdict}</span> ${fmtScore(r.score)}
     <div class="muted">${new Date(r.created * 1000).toLocaleTimeString()} · v ${r.model_version}${review}</div></div>`;
   li.addEventListener("click", () => select(r.id));
   return li;
@@ -70,7 +72,8 @@ async function select(id) {
   $("detail").hidden = false;
   $("detail-verdict").textContent = r.verdict;
   $("detail-verdict").className = `verdict-${r.verdict}`;
-  $("detail-score").textContent = r.score.toPrecision(4);
+  $("detail-score").textContent = fmtScore(r.score);
+  $("detail-reason").textContent = r.reason ? `Cannot judge this image: ${r.reason}` : "";
   $("detail-meta").textContent = `${r.source} · scored by model ${r.model_version} · ${r.regions.length} region(s) above the threshold`;
   $("detail-image").src = r.image_url;
   const heat = $("detail-heatmap");
@@ -115,7 +118,7 @@ async function upload(files) {
   say(`Scoring ${files.length} image(s)…`);
   try {
     const out = await api("/v1/predict", { method: "POST", body: form });
-    say(`Scored ${out.results.length}: ` + out.results.map((r) => `${r.verdict} (${r.score.toPrecision(4)})`).join(", "));
+    say(`Scored ${out.results.length}: ` + out.results.map((r) => `${r.verdict} (${fmtScore(r.score)})`).join(", "));
     await refresh();
     await select(out.results[0].id);
   } catch (err) {
