@@ -69,16 +69,20 @@ def _preprocess(size: int, resize: str | None, tile: int | None, overlap: float 
 
 
 def _option_value(method: str | None, key: str, value: str) -> Any:
-    """A --set value: JSON, or a bare word for an option whose default is text (e.g.
-    backbone=resnet18); anything else that is not JSON is refused, not taken as text."""
+    """A --set value: JSON, or a bare word for an option that takes text (its default is text
+    or its type names str / Path, e.g. backbone=resnet18, prompts=file.dscope); anything
+    else that is not JSON is refused, not taken as text."""
     try:
         return json.loads(value)
     except json.JSONDecodeError:
         pass
     if method is not None:
-        param = inspect.signature(method_class(method).__init__).parameters.get(key)
-        if param is not None and isinstance(param.default, str):
-            return value
+        for cls in method_class(method).__mro__:  # the option may be a base class's (e.g. backbone)
+            param = inspect.signature(cls.__init__).parameters.get(key) if "__init__" in vars(cls) else None
+            if param is not None:
+                if isinstance(param.default, str) or any(t in str(param.annotation) for t in ("str", "Path")):
+                    return value
+                break
     raise DefectscopeError(
         f"--set {key}={value}: {value!r} is not a JSON value (a number, true/false, null, a list, or a quoted string). "
         f'Write e.g. --set {key}=0.1 or --set \'{key}="text"\'.'

@@ -153,8 +153,8 @@ def pro_area(c: Curve, fpr_limit: float) -> float:
 
 def misclassified(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int]:
     """(false positives, false negatives) at ``threshold``, by the verdict rule (`verdict.flagged`)."""
-    scores, labels = _check(scores, labels)
-    pred = flagged(scores, threshold)
+    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel().astype(bool)
+    pred = flagged(scores, threshold)  # a NaN score is never a pass
     return int(np.sum(pred & ~labels)), int(np.sum(~pred & labels))
 
 

@@ -145,7 +145,13 @@ def _fit_threshold(
         log.warning("Too few normal images (%d) to score any unseen: no decision threshold is set.", len(records))
         return Fitted(detector, None, None, frames)
     threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)
-    return Fitted(detector, threshold, (normal.map_low, max(threshold.value, normal.map_high)), frames.with_map_medians(normal.medians))
+    return Fitted(detector, threshold, map_range(normal.map_low, normal.map_high, threshold), frames.with_map_medians(normal.medians))
+
+
+def map_range(low: float, high: float, threshold: Threshold) -> tuple[float, float]:
+    """The heatmap colour range: from the normal images' typical (median of medians) map value
+    to their largest, at least the threshold (one rule for every way a threshold is set)."""
+    return float(low), float(max(threshold.value, high))
 
 
 def _from_scored(detector: Detector, records: list[Record], rate: float, source: str, frames: Gate, progress: Progress | None) -> Fitted:
@@ -154,9 +160,9 @@ def _from_scored(detector: Detector, records: list[Record], rate: float, source:
     scored = score_records(detector, records, progress=progress)
     threshold = choose(scored.scores, scored.labels, false_alarm_rate=rate, source=source)
     normal = [m for m, y in zip(scored.maps, scored.labels, strict=True) if y == 0]
-    normal_maps = np.concatenate([m.ravel() for m in normal])
-    gate = frames.with_map_medians(np.array([np.median(m) for m in normal]))
-    return Fitted(detector, threshold, (float(np.median(normal_maps)), float(max(threshold.value, normal_maps.max()))), gate)
+    medians = np.array([np.median(m) for m in normal])
+    high = max(float(m.max()) for m in normal)
+    return Fitted(detector, threshold, map_range(float(np.median(medians)), high, threshold), frames.with_map_medians(medians))
 
 
 def output_names(paths: list[Path]) -> dict[Path, str]:

@@ -14,6 +14,7 @@ from defectscope.charts import Axes, Series, histogram, line_chart
 from defectscope.data.images import load_image
 from defectscope.evaluate import COLUMNS, EvalResult, format_value
 from defectscope.metrics import curve, curve_points
+from defectscope.verdict import decide
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -88,7 +89,7 @@ def _triplet(result: EvalResult, i: int, vmin: float, vmax: float, threshold: fl
         Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB"),
     ]
     score = float(scored.scores[i])
-    verdict = "" if threshold is None else (" · flagged" if score >= threshold else " · passed")
+    verdict = "" if threshold is None else f" · {decide(score, threshold).label}"
     record = scored.records[i]
     imgs = "".join(f'<img src="{_png_data_uri(c)}" alt="{label}" title="{label}">' for c, label in zip(cells, ("original", "overlay", "mask"), strict=True))
     return (
