@@ -69,6 +69,12 @@ def timed(fn) -> float:
     return best
 
 
+def table(title: str, header: str, rows: list[str]) -> None:
+    """Print one markdown table under a heading."""
+    print(f"\n### {title}\n\n| {header} |\n|" + "---|" * (header.count("|") + 1))
+    print("\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(NAMES))
@@ -116,22 +122,10 @@ def main() -> None:
         bare = timed(lambda: [p for _, p in detector.predict_samples(iter_samples(recs, detector.preprocess))])  # noqa: B023
         checked = timed(lambda: list(score_samples(detector, iter_samples(recs, detector.preprocess), judge=judge)))  # noqa: B023
         cost_rows.append(f"| {name} | {len(recs)} | {1000 * bare / len(recs):.1f} | {1000 * checked / len(recs):.1f} | {checked / bare - 1:+.1%} |")
-    print("### Own test images\n")
-    print("| dataset | test/good invalid | test/defect invalid | image AUROC, all | image AUROC, valid only | fit s | reasons |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(own_rows))
-    print("\n### Other products\n")
-    print("| model | images of | n | invalid | defect | normal |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(other_rows))
-    print("\n### Synthetic camera faults\n")
-    print("| model | fault | n | invalid | defect | normal |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(fault_rows))
-    print("\n### Cost (decode + predict, best of 2)\n")
-    print("| dataset | images | detector alone ms/img | with checks ms/img | change |")
-    print("|---|---|---|---|---|")
-    print("\n".join(cost_rows))
+    table("Own test images", "dataset | test/good invalid | test/defect invalid | image AUROC, all | image AUROC, valid only | fit s | reasons", own_rows)
+    table("Other products", "model | images of | n | invalid | defect | normal", other_rows)
+    table("Synthetic camera faults", "model | fault | n | invalid | defect | normal", fault_rows)
+    table("Cost (decode + predict, best of 2)", "dataset | images | detector alone ms/img | with checks ms/img | change", cost_rows)
 
 
 if __name__ == "__main__":
