@@ -12,7 +12,7 @@ from helpers import defect_crop, paste_defect
 from PIL import Image
 from typer.testing import CliRunner
 
-from defectscope.artifacts import load_detector, save_detector
+from defectscope.artifacts import load_detector, read_manifest, save_detector
 from defectscope.cli import app
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors.base import make_detector
@@ -159,4 +159,5 @@ def test_realnet_trains_on_sdas_and_fit_writes_its_loss_curve(small_mvtec: Path,
     assert model.is_file() and model.with_suffix(".loss.png").is_file()
     det = load_detector(model)
     assert det.config()["synthesis"] == "sdas" and len(det.losses) == 3
-    assert "held-out" in result.output or "threshold" in result.output
+    thr = read_manifest(model)["extra"]["threshold"]  # set, from images the network never trained on
+    assert thr is not None and "held-out" in thr["source"] and f"threshold {thr['value']:.4g}" in result.output
