@@ -267,7 +267,7 @@ def ask(
     sample = load_sample(Record(Path(image)), detector.preprocess)
     judged = next(score_samples(detector, iter([sample]), judge=judge))
     amap = judged.original_map()
-    finding = make_finding(judged.score, amap, judge.threshold, invalid=judged.verdict.reason if not judged.verdict.judged else None)
+    finding = make_finding(judged.score, amap, judge.threshold, invalid=judged.verdict.invalid_reason)
     if types is not None and finding.verdict == "defect":
         finding = types.label(detector, sample, amap, finding)
     return answer(finding, question, kinds=types.names if types else None, llm=llm)

@@ -270,8 +270,7 @@ def predict(
                 raise DefectscopeError("Give a model file and at least one image or folder (or a zero-shot --method).")
             detector, extra, model_id = _load_model(inputs[0], runtime)
             images = inputs[1:]
-        source = str(inputs[0]) if method is None else f"zero-shot {method}"
-        judge = Judge.of(extra, source, threshold)
+        judge = Judge.of(extra, str(inputs[0]) if method is None else model_id, threshold)
         paths, ignored = pipeline.expand_images(images)
         scorer = _engine(engine, detector, None if method is not None else inputs[0], address, workers, threshold)
         with _progress() as report:

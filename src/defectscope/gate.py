@@ -162,8 +162,11 @@ class Gate:
 
     def check_frame(self, sample: Sample) -> str | None:
         """The reason this frame cannot be judged, or None when it may be scored."""
-        stats = frame_stats(sample)
-        h, w = sample.geometry.original
+        return self.check_stats(frame_stats(sample))
+
+    def check_stats(self, stats: dict[str, float]) -> str | None:
+        """`check_frame` on a frame's `frame_stats` already computed."""
+        h, w = int(stats["height"]), int(stats["width"])
         if stats["nonfinite"]:
             return f"frame has non-finite pixels (NaN or infinity in {_share(stats['nonfinite'])} of it); a failing sensor or converter?"
         if min(h, w) < MIN_SIDE_FIXED:
@@ -229,10 +232,11 @@ class Gate:
 def refuse_training_frame(sample: Sample) -> dict[str, float]:
     """A training image's `frame_stats`, or a `DataError` naming it when no model should learn
     from it (non-finite pixels, a blank frame, a side under 16 px)."""
-    reason = Gate.fixed().check_frame(sample)
+    stats = frame_stats(sample)
+    reason = Gate.fixed().check_stats(stats)
     if reason is not None:
         raise DataError(f"Training image {sample.path}: {reason}. Remove it from the training images.")
-    return frame_stats(sample)
+    return stats
 
 
 def learn_frames(samples: Iterable[Sample]) -> Gate:

@@ -47,8 +47,9 @@ class Judge:
 
 @dataclass
 class Judged:
-    """One image's outcome: its score (None when a frame check refused it before scoring),
-    the verdict with its reason, and the anomaly map at network size (None when refused)."""
+    """One image's outcome: its score (None when a frame check refused it before scoring or
+    the detector gave a non-finite one), the verdict with its reason, and the anomaly map at
+    network size (None when refused)."""
 
     sample: Sample
     score: float | None
@@ -94,7 +95,8 @@ def score_samples(
         waiting.clear()
         for sample, score, amap in zip(group, pred.scores.tolist(), pred.maps, strict=True):
             reason = refused.pop(id(sample), None)
-            if reason is None and math.isfinite(score):
+            finite = math.isfinite(score)
+            if reason is None and finite:
                 reason = judge.gate.check_map(amap)
-            yield Judged(sample, float(score), decide(float(score), judge.threshold, reason), amap)
+            yield Judged(sample, score if finite else None, decide(score, judge.threshold, reason), amap)
     yield from waiting

@@ -34,6 +34,11 @@ class Verdict:
         """Whether the model could judge the frame (its score means something)."""
         return self.label != "invalid"
 
+    @property
+    def invalid_reason(self) -> str | None:
+        """Why the frame could not be judged (None for a judged frame)."""
+        return None if self.judged else self.reason
+
 
 def check_threshold(value: float | None, where: str = "threshold") -> float:
     """``value`` as a float, or a `ConfigError` naming ``where`` if it is not finite and positive."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,7 @@ class Scored:
     map: np.ndarray | None = None
 
     def row(self) -> dict[str, Any]:
-        score = self.score if self.score is not None and math.isfinite(self.score) else None
-        return {"path": self.path, "score": score, "verdict": self.verdict, "reason": self.reason}
+        return {"path": self.path, "score": self.score, "verdict": self.verdict, "reason": self.reason}
 
 
 OnError = Callable[[str, DataError], None]

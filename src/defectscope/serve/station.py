@@ -232,19 +232,18 @@ class Station:
     def _record(self, job: Job, judged: Judged, model: ModelVersion, seconds: float, batch: int) -> Result:
         t0 = time.perf_counter()
         amap = judged.original_map()
-        finding = make_finding(judged.score, amap, model.threshold, invalid=judged.verdict.reason if not judged.verdict.judged else None)
+        finding = make_finding(judged.score, amap, model.threshold, invalid=judged.verdict.invalid_reason)
         heat = job.path  # a frame refused before scoring has no map: its "overlay" is the frame itself
         if amap is not None:
             lo, hi = model.map_range or (float(amap.min()), float(amap.max()))
             heat = self.store.root / "images" / f"{job.id}_heatmap.png"
             overlay(load_image(job.path), amap, vmin=lo, vmax=hi).save(heat)
-        score = judged.score if judged.score is not None and np.isfinite(judged.score) else None
         result = Result(
             job.id, time.time(), job.source, str(job.path.relative_to(self.store.root)),
-            str(heat.relative_to(self.store.root)), score, model.threshold, judged.verdict.label, model.version,
+            str(heat.relative_to(self.store.root)), judged.score, model.threshold, judged.verdict.label, model.version,
             [r.to_dict() for r in finding.regions],
             {"score_ms": 1000 * seconds, "record_ms": 1000 * (time.perf_counter() - t0), "batch": batch},
-            reason=judged.verdict.reason if not judged.verdict.judged else None,
+            reason=judged.verdict.invalid_reason,
         )
         self.store.add(result, seen_key=job.seen_key)
         return result
