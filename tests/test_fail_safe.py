@@ -141,7 +141,7 @@ def test_station_answers_4xx_or_invalid_never_500_or_normal(model: Path, corpus,
     judged, unreadable = corpus
     station = Station(model, SQLiteStore(tmp_path / "store"))
     try:
-        client = TestClient(create_app(station))
+        client = TestClient(create_app(station), base_url="http://127.0.0.1")
         for name, path in {**judged, **unreadable}.items():
             out = client.post("/v1/predict", files={"files": (path.name, path.read_bytes(), "application/octet-stream")})
             assert out.status_code < 500, (name, out.text)

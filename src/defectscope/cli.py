@@ -202,10 +202,9 @@ def _engine(engine: str, detector: Any, model_file: Path | None, address: str | 
         return None
     if engine != "ray":
         raise DefectscopeError(f"Unknown --engine {engine!r}; use local or ray.")
-    from defectscope.detectors.base import Detector
     from defectscope.engines.ray_engine import ray_scorer
 
-    if type(detector).predict_samples is not Detector.predict_samples:
+    if detector.scores_jointly:
         raise DefectscopeError(
             f"{detector.name} scores the images against each other; Ray would split them into separate "
             "batches and change every score. Use --engine local."
@@ -517,24 +516,37 @@ def add_normals(
 @app.command()
 def serve(
     model: Annotated[Path, typer.Argument(help="Fitted model file to serve.")],
-    host: Annotated[str, typer.Option(help="Interface to bind; anything but loopback needs --token.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind; anything but 127.0.0.1/localhost/::1 needs --token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     watch: Annotated[Optional[Path], typer.Option(help="Score images dropped into this folder, each once.")] = None,  # noqa: UP045
-    store: Annotated[Path, typer.Option(help="Folder for the results database, images and heatmaps.")] = Path("station"),
-    token: Annotated[Optional[str], typer.Option(envvar="DEFECTSCOPE_TOKEN", help="Token for changes (header X-Token).")] = None,  # noqa: UP045
+    store: Annotated[Path, typer.Option(help="Folder for the results database, images, heatmaps and model versions.")] = Path("station"),
+    token: Annotated[Optional[str], typer.Option(envvar="DEFECTSCOPE_TOKEN", help="Token for everything (uploads and changes); needed off loopback.")] = None,  # noqa: UP045
+    read_token: Annotated[Optional[str], typer.Option(envvar="DEFECTSCOPE_READ_TOKEN", help="Optional second token that can only read (review page, results).")] = None,  # noqa: UP045
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="A host name clients use to reach the station (e.g. the reverse proxy's); repeatable.")] = None,  # noqa: UP045
+    max_request_mb: Annotated[float, typer.Option(help="Largest multipart request (several images), refused with 413 while it arrives.")] = 128.0,
+    rate_limit: Annotated[str, typer.Option(help="Requests per client address, e.g. 100/second (all routes but /healthz).")] = "100/second",
+    keep_days: Annotated[Optional[float], typer.Option(help="Delete images (and heatmaps) older than this many days; their results stay.")] = None,  # noqa: UP045
+    max_store_gb: Annotated[Optional[float], typer.Option(help="Delete the oldest images while the store is larger than this.")] = None,  # noqa: UP045
+    keep_versions: Annotated[int, typer.Option(help="Model versions written by the station kept on disk (pinned ones always are).")] = 10,
+    keep_in_memory: Annotated[int, typer.Option(help="Model versions kept loaded (the served one included).")] = 3,
 ) -> None:
     """Serve a model: HTTP API, review page at /, results store, optional folder watching."""
     import uvicorn
 
-    from defectscope.serve.app import create_app
+    from defectscope.serve.access import Access
+    from defectscope.serve.app import Limits, create_app
+    from defectscope.serve.retention import Retention
     from defectscope.serve.station import Station
     from defectscope.serve.store import SQLiteStore
     from defectscope.serve.watch import FolderWatcher
 
     def job() -> None:
-        station = Station(model, SQLiteStore(store))
-        web = create_app(station, token=token, require_token=host not in ("127.0.0.1", "localhost", "::1"))
+        access = Access.for_bind(host, token, read_token, allowed_host or ())
+        limits = Limits(max_request_mb=max_request_mb, rate=rate_limit)
+        retention = Retention(keep_days, max_store_gb, keep_versions)
+        station = Station(model, SQLiteStore(store), retention=retention, keep_in_memory=keep_in_memory)
         watcher = FolderWatcher(station, watch) if watch is not None else None
+        web = create_app(station, access=access, limits=limits, watcher=watcher)
         if watcher:
             watcher.start()
         console.print(f"serving {model} (version {station.current.version}) on http://{host}:{port}/ ; store {store}"

@@ -178,6 +178,13 @@ class Detector(ABC):
         it as a PNG next to the model file. None for methods that do not train."""
         return None
 
+    @property
+    def scores_jointly(self) -> bool:
+        """True for transductive methods (they override `predict_samples` to score images
+        against each other): an image's score depends on which images share its batch, so
+        engines that split the stream (Ray, the station's micro-batches) refuse them."""
+        return type(self).predict_samples is not Detector.predict_samples
+
     # Why a method cannot score through tiles (None: it can; see `predict_tiled`).
     tiling_refusal: ClassVar[str | None] = None
 

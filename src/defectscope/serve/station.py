@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ from defectscope.errors import ConfigError, DataError
 from defectscope.explain import make_finding
 from defectscope.report import overlay
 from defectscope.scoring import Judge, Judged, score_samples
-from defectscope.serve.store import Result, SQLiteStore, new_id
+from defectscope.serve.retention import Retention, prune_versions, purge_images
+from defectscope.serve.store import Result, SQLiteStore, Version, new_id
 from defectscope.thresholds import Threshold, f1_optimal
 
 log = logging.getLogger("defectscope")
@@ -79,10 +81,11 @@ class ModelVersion:
         return None if r is None else (float(r[0]), float(r[1]))
 
     def describe(self) -> dict[str, Any]:
+        """What clients may know of this version (no server paths)."""
         m = self.manifest
         return {
             "version": self.version,
-            "path": str(self.path),
+            "file": self.path.name,
             "method": m["method"],
             "options": m["config"],
             "threshold": self.extra.get("threshold"),
@@ -95,12 +98,13 @@ class ModelVersion:
         }
 
 
-def next_version_path(path: Path) -> Path:
-    """``model.dscope`` -> ``model.v2.dscope`` (or the next free number); never an existing file."""
-    stem = path.name.removesuffix(".dscope")
+def next_version_path(folder: Path, model: Path) -> Path:
+    """``<folder>/model.v2.dscope`` (or the next free number) for a version of ``model``;
+    never an existing file."""
+    stem = model.name.removesuffix(".dscope")
     base = stem.rsplit(".v", 1)[0] if stem.rsplit(".v", 1)[-1].isdigit() else stem
     n = 2
-    while (candidate := path.with_name(f"{base}.v{n}.dscope")).exists():
+    while (candidate := folder / f"{base}.v{n}.dscope").exists():
         n += 1
     return candidate
 
@@ -186,18 +190,57 @@ class MicroBatcher:
 
 
 class Station:
-    """The serving state: store, current model version, batcher, and the update lock."""
+    """The serving state: store, current model version (and a few recent ones in memory),
+    batcher, retention, and the lock that serialises model changes."""
 
-    def __init__(self, model: str | Path, store: SQLiteStore, *, max_batch: int = 8, window_s: float = 0.01) -> None:
-        self.store = store
-        self.current = ModelVersion.load(model)
-        self.store.add_version(self.current.version, str(self.current.path), "loaded")
-        self._versions: dict[str, ModelVersion] = {self.current.version: self.current}
+    def __init__(
+        self,
+        model: str | Path,
+        store: SQLiteStore,
+        *,
+        max_batch: int = 8,
+        window_s: float = 0.01,
+        retention: Retention | None = None,
+        keep_in_memory: int = 3,
+        sweep_s: float = 60.0,
+    ) -> None:
+        if keep_in_memory < 1:
+            raise ConfigError(f"keep_in_memory must be at least 1, got {keep_in_memory}.")
+        self.store, self.retention, self.keep_in_memory = store, retention or Retention(), keep_in_memory
+        self.max_batch = max_batch
+        self.models_dir = (store.root / "models").resolve()
+        self.models_dir.mkdir(exist_ok=True)
+        current = ModelVersion.load(model)
+        if current.detector.scores_jointly:
+            raise ConfigError(
+                f"{current.detector.name} cannot be served: it scores images against each other, so one client's "
+                "score would depend on the images other clients sent in the same micro-batch, and a lone upload has "
+                "nothing to compare with. Score folders with `defectscope predict` instead."
+            )
+        self.store.add_version(Version(current.version, str(current.path.resolve()), "loaded", time.time(), pinned=True))
+        self.store.pin(current.version, True)  # the file the station was started with is the user's: never pruned
+        self._versions: OrderedDict[str, ModelVersion] = OrderedDict()
         self._update = threading.Lock()
+        self._serve(current)
         self.batcher = MicroBatcher(self._score_jobs, max_batch=max_batch, window_s=window_s)
+        self._closing = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_every, args=(sweep_s,), name="defectscope-retention", daemon=True)
+        self._sweeper.start()
 
     def close(self) -> None:
+        self._closing.set()
         self.batcher.close()
+        self._sweeper.join(timeout=30)
+
+    def _sweep_every(self, seconds: float) -> None:
+        """Apply the retention rule at start and then every ``seconds``; a failed sweep is
+        logged and tried again next time (it never stops the station)."""
+        while not self._closing.is_set():
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - retention must not take the station down; the log says why
+                log.exception("Retention sweep of %s failed; trying again in %.0f s.", self.store.root, seconds)
+            self._closing.wait(seconds)
 
     def store_uploads(self, uploads: list[tuple[bytes, str]]) -> list[Job]:
         """Check every upload, then keep each in the store under a new id (names are only
@@ -211,23 +254,24 @@ class Station:
             jobs.append(Job(rid, path, f"upload:{name[:200]}"))
         return jobs
 
+    def _score(self, model: ModelVersion, paths: list[Path]) -> dict[str, Judged]:
+        """Score stored images with ``model`` as one batch: the one scoring path."""
+        samples = iter_samples([Record(p) for p in paths], model.detector.preprocess)
+        return {j.path: j for j in score_samples(model.detector, samples, judge=model.judge, batch_size=self.max_batch)}
+
     def _score_jobs(self, jobs: list[Job]) -> list[Result | Exception]:
         """Score stored images with the current version (as one batch) and record them."""
         model = self.current
         t0 = time.perf_counter()
-        samples = iter_samples([Record(j.path) for j in jobs], model.detector.preprocess)
-        out: list[Result | Exception] = []
         try:
-            scored = {j.path: j for j in score_samples(model.detector, samples, judge=model.judge, batch_size=self.batcher.max_batch)}
+            scored = self._score(model, [j.path for j in jobs])
         except DataError as exc:  # one unreadable file: score the others one by one
             if len(jobs) == 1:
                 jobs[0].path.unlink(missing_ok=True)  # no result, so no orphaned image either
                 return [UploadError(str(exc))]
             return [r for j in jobs for r in self._score_jobs([j])]
         per_image = (time.perf_counter() - t0) / len(jobs)
-        for job in jobs:
-            out.append(self._record(job, scored[str(job.path)], model, per_image, len(jobs)))
-        return out
+        return [self._record(job, scored[str(job.path)], model, per_image, len(jobs)) for job in jobs]
 
     def _record(self, job: Job, judged: Judged, model: ModelVersion, seconds: float, batch: int) -> Result:
         t0 = time.perf_counter()
@@ -249,60 +293,123 @@ class Station:
         return result
 
     def versions(self) -> list[dict[str, Any]]:
-        return self.store.versions()
+        """The versions this station has served, as clients may see them (no paths)."""
+        return [{**v.public(), "in_memory": v.version in self._versions, "serving": v.version == self.current.version}
+                for v in self.store.versions()]
 
-    def _switch(self, detector: Detector, extra: dict[str, Any], note: str) -> ModelVersion:
-        """Write ``detector`` as a new model file next to the current one and serve it."""
-        path = next_version_path(self.current.path)
-        save_detector(detector, path, extra={**extra, "parent": self.current.version, "note": note})
-        new = ModelVersion.load(path)
-        self.store.add_version(new.version, str(path), note)
-        self._versions[new.version] = new
-        self.current = new  # requests already batched keep the version they started with
-        log.info("Serving model version %s (%s).", new.version, note)
-        return new
+    def _serve(self, model: ModelVersion) -> None:
+        """Make ``model`` current and keep it and the most recently served versions in memory;
+        requests already batched keep the version they started with."""
+        self._versions[model.version] = model
+        self._versions.move_to_end(model.version)
+        self.current = model
+        while len(self._versions) > self.keep_in_memory:
+            self._versions.popitem(last=False)
+        log.info("Serving model version %s.", model.version)
+
+    def _write_version(self, detector: Detector, extra: dict[str, Any], note: str) -> tuple[ModelVersion, Version]:
+        """Write ``detector`` as a new model file in the store and load it back; nothing is
+        recorded or served yet (a failure leaves no file behind)."""
+        path = next_version_path(self.models_dir, self.current.path)
+        try:
+            save_detector(detector, path, extra={**extra, "parent": self.current.version, "note": note})
+            new = ModelVersion.load(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return new, Version(new.version, str(path), note, time.time())
+
+    def _commit(self, new: ModelVersion, record: Any) -> Any:
+        """Run ``record()`` (the store transaction that records the new version); on failure
+        delete the new file, so the change leaves no trace; on success serve it and prune."""
+        try:
+            out = record()
+        except BaseException:
+            new.path.unlink(missing_ok=True)
+            raise
+        self._serve(new)
+        self.prune()
+        return out
 
     def use_version(self, version: str) -> ModelVersion:
         """Serve a version this station has recorded (KeyError if it has none such)."""
         with self._update:
-            if version not in self._versions:
-                known = {v["version"]: v["path"] for v in self.store.versions()}
-                if version not in known:
-                    raise KeyError(version)
-                self._versions[version] = ModelVersion.load(known[version])
-            self.current = self._versions[version]
+            known = {v.version: v for v in self.store.versions()}
+            if version not in known:
+                raise KeyError(version)
+            if known[version].pruned is not None:
+                raise ConfigError(f"Model version {version} was deleted by retention; pin versions you may want to return to.")
+            self._serve(self._versions.get(version) or ModelVersion.load(known[version].path))
             return self.current
 
+    def pin(self, version: str, pinned: bool) -> dict[str, Any]:
+        """Keep a version from retention (or let retention delete it again)."""
+        with self._update:
+            return self.store.pin(version, pinned).public()
+
     def feedback(self, result_id: str, label: str) -> tuple[Result, dict[str, Any] | None]:
-        """Record a review; a first "normal" on an image adds it to the model's normal data."""
+        """Record a review; a first "normal" on an image adds it to the model's normal data.
+        The review, the new model file and the switch to it happen together or not at all:
+        if teaching fails the review is not recorded, so a retry teaches the image."""
         with self._update:
             known = self.store.get(result_id)
-            if known is not None and known.verdict == "invalid" and label == "normal":
+            if known is None:
+                raise KeyError(result_id)
+            if label != "normal" or known.review == "normal":
+                return self.store.set_review(result_id, label)[0], None
+            if known.verdict == "invalid":
                 raise ConfigError(
                     f"Result {result_id} could not be judged ({known.reason}); a frame the model cannot judge is never "
                     "taught as a good part. Send a proper image of the part instead."
                 )
-            result, previous = self.store.set_review(result_id, label)
-            if label != "normal" or previous == "normal":
-                return result, None
+            if known.purged is not None:
+                raise ConfigError(f"Result {result_id}'s image was deleted by the store's retention rule; it cannot be taught.")
             detector = load_detector(self.current.path)  # a private copy: the served one is never mutated
-            change = detector.add_normals(training_samples([Record(self.store.root / result.image_file)], detector.preprocess))
-            new = self._switch(detector, self.current.extra, f"good part {result_id}: {change}")
+            change = detector.add_normals(training_samples([Record(self.store.root / known.image_file)], detector.preprocess))
+            new, version = self._write_version(detector, self.current.extra, f"good part {result_id}: {change}")
+            result, _ = self._commit(new, lambda: self.store.set_review(result_id, label, version=version))
             return result, {"version": new.version, **change}
 
+    def rescored_reviews(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, is_defect) of the reviewed images, scored again by the current version:
+        scores recorded by older versions (or before an image was taught) mean nothing to it."""
+        reviewed = [r for r in self.store.reviewed() if (self.store.root / r.image_file).is_file()]
+        if not reviewed:
+            raise ConfigError("No reviewed images to set a threshold from; review some results first.")
+        judged = self._score(self.current, [self.store.root / r.image_file for r in reviewed])
+        pairs = [(j.score, r.review == "defect") for r in reviewed
+                 if (j := judged[str(self.store.root / r.image_file)]).score is not None]
+        return np.array([s for s, _ in pairs], dtype=float), np.array([d for _, d in pairs], dtype=bool)
+
     def set_threshold(self, value: float | None = None, *, f1: bool = False) -> ModelVersion:
-        """A new version with a threshold chosen by hand, or F1-optimal on reviewed images."""
+        """A new version with a threshold chosen by hand, or F1-optimal on the reviewed
+        images re-scored by the current version."""
         with self._update:
             if f1:
-                reviewed = self.store.reviewed()
-                scores = np.array([s for s, _ in reviewed])
-                labels = np.array([r == "defect" for _, r in reviewed])
+                scores, labels = self.rescored_reviews()
                 thr = f1_optimal(scores, labels)
-                thr = Threshold(thr.value, "f1-optimal on images reviewed at the station", thr.n_normal, thr.n_defective, "station reviews")
+                how = f"f1-optimal on {len(scores)} images reviewed at the station, re-scored by version {self.current.version}"
+                thr = Threshold(thr.value, how, thr.n_normal, thr.n_defective, "station reviews")
             elif value is not None:
                 thr = Threshold(value, "set by hand at the station", 0, 0, "station")
             else:
                 raise ConfigError("Give a threshold value, or ask for the F1-optimal one on reviewed images.")
             detector = load_detector(self.current.path)
-            extra = {**self.current.extra, "threshold": thr.to_dict()}
-            return self._switch(detector, extra, thr.method)
+            new, version = self._write_version(detector, {**self.current.extra, "threshold": thr.to_dict()}, thr.method)
+            self._commit(new, lambda: self.store.add_version(version))
+            return new
+
+    def sweep(self) -> dict[str, Any]:
+        """Apply the retention rule now: delete old images and surplus model versions."""
+        purged = purge_images(self.store, self.retention)
+        with self._update:
+            pruned = self.prune()
+        return {"images_purged": purged, "versions_pruned": pruned}
+
+    def prune(self) -> list[str]:
+        """Delete station-written versions beyond the rule (never the served or pinned ones)."""
+        pruned = prune_versions(self.store, self.retention, self.models_dir, {self.current.version})
+        for v in pruned:
+            if v != self.current.version:
+                self._versions.pop(v, None)
+        return pruned

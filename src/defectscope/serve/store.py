@@ -45,6 +45,7 @@ class Result:
     review: str | None = None
     reviewed_at: float | None = None
     reason: str | None = None  # why the verdict is invalid
+    purged: float | None = None  # when retention deleted the image and heatmap (the row stays)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,12 +60,33 @@ class ResultStore(Protocol):
     def get(self, result_id: str) -> Result | None: ...
     def query(self, *, verdict: str | None = None, review: str | None = None, limit: int = 50, offset: int = 0) -> list[Result]: ...
     def count(self, *, verdict: str | None = None, review: str | None = None) -> int: ...
-    def set_review(self, result_id: str, label: str) -> tuple[Result, str | None]: ...
-    def reviewed(self) -> list[tuple[float, str]]: ...
+    def set_review(self, result_id: str, label: str, *, version: Version | None = None) -> tuple[Result, str | None]: ...
+    def reviewed(self) -> list[Result]: ...
+    def oldest_images(self, *, before: float | None = None, limit: int = 500) -> list[Result]: ...
+    def mark_purged(self, ids: list[str]) -> None: ...
     def scores(self, limit: int = 2000) -> list[tuple[float, float, str]]: ...
     def seen(self, key: str) -> bool: ...
-    def add_version(self, version: str, path: str, note: str) -> None: ...
-    def versions(self) -> list[dict[str, Any]]: ...
+    def add_version(self, version: Version) -> None: ...
+    def versions(self) -> list[Version]: ...
+    def pin(self, version: str, pinned: bool) -> Version: ...
+    def mark_pruned(self, version: str) -> None: ...
+
+
+@dataclass
+class Version:
+    """A model version the station served: the file it lives in (server-side only, never
+    sent to clients), why it was made, and whether retention may delete it."""
+
+    version: str
+    path: str
+    note: str
+    created: float
+    pinned: bool = False
+    pruned: float | None = None  # when retention deleted its file
+
+    def public(self) -> dict[str, Any]:
+        """What a client may see (no server paths)."""
+        return {k: v for k, v in asdict(self).items() if k != "path"}
 
 
 def new_id() -> str:
@@ -77,12 +99,16 @@ CREATE TABLE IF NOT EXISTS results (
     id TEXT PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL,
     image_file TEXT NOT NULL, heatmap_file TEXT NOT NULL, score REAL, threshold REAL,
     verdict TEXT NOT NULL, model_version TEXT NOT NULL, regions TEXT NOT NULL, timings TEXT NOT NULL,
-    review TEXT, reviewed_at REAL, reason TEXT
+    review TEXT, reviewed_at REAL, reason TEXT, purged REAL
 );
 CREATE INDEX IF NOT EXISTS results_created ON results(created);
 CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, result_id TEXT, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, path TEXT NOT NULL, note TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version TEXT PRIMARY KEY, path TEXT NOT NULL, note TEXT NOT NULL, created REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0, pruned REAL
+);
 """
+ADDED_COLUMNS = {"results": {"purged": "REAL"}, "versions": {"pinned": "INTEGER NOT NULL DEFAULT 0", "pruned": "REAL"}}
 
 
 class SQLiteStore:
@@ -101,19 +127,29 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             raise DataError(f"{self.root / 'results.sqlite3'} is not a usable results store ({exc}); move it away or choose another --store.") from exc
 
+    def _columns(self, table: str) -> list[str]:
+        return [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+
     def _migrate(self) -> None:
-        """Bring a store written before verdict reasons existed to this schema (score may be
-        NULL, a reason column), keeping every row, in one transaction."""
-        columns = [row[1] for row in self._db.execute("PRAGMA table_info(results)")]
-        if "reason" in columns:
-            return
-        with self._tx() as db:
-            db.execute("ALTER TABLE results RENAME TO results_old")
-            db.execute("DROP INDEX IF EXISTS results_created")
-            for statement in SCHEMA.split(";")[:2]:
-                db.execute(statement)
-            db.execute(f"INSERT INTO results SELECT {', '.join(columns)}, NULL FROM results_old")
-            db.execute("DROP TABLE results_old")
+        """Bring an older store to this schema, keeping every row, each step in one
+        transaction: a store from before verdict reasons is rebuilt (score may be NULL),
+        columns added since (retention, pinning) are appended."""
+        columns = self._columns("results")
+        if "reason" not in columns:
+            with self._tx() as db:
+                db.execute("ALTER TABLE results RENAME TO results_old")
+                db.execute("DROP INDEX IF EXISTS results_created")
+                for statement in SCHEMA.split(";")[:2]:
+                    db.execute(statement)
+                names = ", ".join(columns)
+                db.execute(f"INSERT INTO results ({names}) SELECT {names} FROM results_old")
+                db.execute("DROP TABLE results_old")
+        for table, added in ADDED_COLUMNS.items():
+            missing = [c for c in added if c not in self._columns(table)]
+            if missing:
+                with self._tx() as db:
+                    for column in missing:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {added[column]}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -135,9 +171,9 @@ class SQLiteStore:
         r = result
         with self._tx() as db:
             db.execute(
-                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.id, r.created, r.source, r.image_file, r.heatmap_file, r.score, r.threshold, r.verdict,
-                 r.model_version, json.dumps(r.regions), json.dumps(r.timings), r.review, r.reviewed_at, r.reason),
+                 r.model_version, json.dumps(r.regions), json.dumps(r.timings), r.review, r.reviewed_at, r.reason, r.purged),
             )
             if seen_key is not None:
                 db.execute("INSERT OR REPLACE INTO seen VALUES (?,?,?)", (seen_key, r.id, r.created))
@@ -179,10 +215,10 @@ class SQLiteStore:
         with self._lock:
             return int(self._db.execute(f"SELECT COUNT(*) FROM results{where}", args).fetchone()[0])
 
-    def set_review(self, result_id: str, label: str) -> tuple[Result, str | None]:
-        """Record an inspector's label (the last correction wins); returns the result and the
-        label it had before, read in the same transaction, so concurrent corrections of one
-        image are seen one after the other. KeyError for an unknown id."""
+    def set_review(self, result_id: str, label: str, *, version: Version | None = None) -> tuple[Result, str | None]:
+        """Record an inspector's label (the last correction wins) and, in the same
+        transaction, the model version it produced: both are recorded or neither. Returns
+        the result and the label it had before. KeyError for an unknown id."""
         if label not in REVIEWS:
             raise DataError(f"Unknown review label {label!r}; use one of {', '.join(REVIEWS)}.")
         with self._tx() as db:
@@ -190,6 +226,8 @@ class SQLiteStore:
             if row is None:
                 raise KeyError(result_id)
             db.execute("UPDATE results SET review = ?, reviewed_at = ? WHERE id = ?", (label, time.time(), result_id))
+            if version is not None:
+                self._insert_version(db, version)
             full = db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
         return self._row(full), row[0]
 
@@ -201,23 +239,54 @@ class SQLiteStore:
             ).fetchall()
         return [tuple(r) for r in reversed(rows)]
 
-    def reviewed(self) -> list[tuple[float, str]]:
-        """(score, review) of every reviewed result the model could judge (invalid frames
-        have no score a threshold could be set on)."""
+    def reviewed(self) -> list[Result]:
+        """Every reviewed result the model could judge whose image is still kept (a frame
+        refused as invalid has no score a threshold could be set on)."""
         with self._lock:
-            return [tuple(r) for r in self._db.execute(
-                "SELECT score, review FROM results WHERE review IS NOT NULL AND verdict != 'invalid' AND score IS NOT NULL"
-            )]
+            rows = self._db.execute(
+                "SELECT * FROM results WHERE review IS NOT NULL AND verdict != 'invalid' AND purged IS NULL ORDER BY created"
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def oldest_images(self, *, before: float | None = None, limit: int = 500) -> list[Result]:
+        """The oldest results whose images are still kept (created before ``before``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM results WHERE purged IS NULL AND created < ? ORDER BY created LIMIT ?",
+                (float("inf") if before is None else before, limit),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def mark_purged(self, ids: list[str]) -> None:
+        """Record that these results' images were deleted; their rows are kept."""
+        with self._tx() as db:
+            db.executemany("UPDATE results SET purged = ? WHERE id = ?", [(time.time(), i) for i in ids])
 
     def seen(self, key: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM seen WHERE key = ?", (key,)).fetchone() is not None
 
-    def add_version(self, version: str, path: str, note: str) -> None:
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO versions VALUES (?,?,?,?)", (version, path, note, time.time()))
+    @staticmethod
+    def _insert_version(db: sqlite3.Connection, v: Version) -> None:
+        db.execute("INSERT OR IGNORE INTO versions VALUES (?,?,?,?,?,?)", (v.version, v.path, v.note, v.created, int(v.pinned), v.pruned))
 
-    def versions(self) -> list[dict[str, Any]]:
+    def add_version(self, version: Version) -> None:
+        with self._tx() as db:
+            self._insert_version(db, version)
+
+    def versions(self) -> list[Version]:
+        """Every version this station has served, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT version, path, note, created FROM versions ORDER BY created").fetchall()
-        return [{"version": v, "path": p, "note": n, "created": c} for v, p, n, c in rows]
+            rows = self._db.execute("SELECT version, path, note, created, pinned, pruned FROM versions ORDER BY created").fetchall()
+        return [Version(v, p, n, c, bool(pin), pr) for v, p, n, c, pin, pr in rows]
+
+    def pin(self, version: str, pinned: bool) -> Version:
+        """Keep (or release) a version from retention; KeyError if there is none such."""
+        with self._tx() as db:
+            if db.execute("UPDATE versions SET pinned = ? WHERE version = ?", (int(pinned), version)).rowcount == 0:
+                raise KeyError(version)
+        return next(v for v in self.versions() if v.version == version)
+
+    def mark_pruned(self, version: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE versions SET pruned = ? WHERE version = ?", (time.time(), version))

@@ -4,12 +4,14 @@
 
 const state = { filter: "", selected: null, threshold: null, scores: [], model: null };
 const $ = (id) => document.getElementById(id);
-const token = new URLSearchParams(location.search).get("token") || localStorage.getItem("defectscope-token") || "";
-if (token) localStorage.setItem("defectscope-token", token);
-
+// Off loopback the station's session cookie (set by /login, HttpOnly) carries the access;
+// this page never sees, stores or sends a token itself.
 async function api(path, options = {}) {
-  const headers = Object.assign({}, options.headers || {}, token ? { "X-Token": token } : {});
-  const response = await fetch(path, Object.assign({}, options, { headers }));
+  const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options));
+  if (response.status === 401) {
+    location.assign("/login");
+    throw new Error("not logged in");
+  }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.detail ? JSON.stringify(body.detail) : response.statusText);
   return body;
