@@ -37,14 +37,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model: Path, store: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start the station as a separate process on 127.0.0.1; always stop it."""
+def serving(model: Path, store: Path, host: str = "127.0.0.1", args: tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start the station as a separate process on ``host`` (loopback range only); always stop it."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "defectscope.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--store", str(store)],
+        [sys.executable, "-m", "defectscope.cli", "serve", str(model), "--host", host, "--port", str(port), "--store", str(store), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     try:
         for _ in range(300):  # up to 60 s for the model to load
             if proc.poll() is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectscope.errors import ConfigError
-from defectscope.serve.store import ResultStore
+from defectscope.serve.store import Result, ResultStore
 
 log = logging.getLogger("defectscope")
 GB = 2**30
@@ -63,41 +63,52 @@ def purge_images(store: ResultStore, rule: Retention, *, now: float | None = Non
     purged = 0
     if rule.keep_days is not None:
         while batch := store.oldest_images(before=now - rule.keep_days * 86400):
-            purged += _delete(store, [r.id for r in batch], [f for r in batch for f in (r.image_file, r.heatmap_file)])[0]
+            purged += len(batch)
+            _delete(store, batch)
     if rule.max_store_gb is not None:
         limit = rule.max_store_gb * GB
         size = folder_bytes(store.root)
         if size > limit:
             while size > 0.9 * limit and (batch := store.oldest_images(limit=200)):
-                n, freed = _delete(store, [r.id for r in batch], [f for r in batch for f in (r.image_file, r.heatmap_file)])
-                purged, size = purged + n, size - freed
+                chosen, freed = [], 0
+                for r in batch:
+                    if size - freed <= 0.9 * limit:
+                        break
+                    chosen.append(r)
+                    freed += _bytes(store, r)
+                _delete(store, chosen)
+                purged, size = purged + len(chosen), size - freed
             if size > limit:
                 log.warning("The store %s holds %.2f GB with every image deleted (database and model versions); "
                             "raise --max-store-gb or lower --keep-versions.", store.root, size / GB)
     return purged
 
 
-def _delete(store: ResultStore, ids: list[str], files: list[str]) -> tuple[int, int]:
-    """Delete ``files`` (relative to the store) and mark ``ids`` purged; (results, bytes freed)."""
-    freed = 0
-    for name in set(files):
-        path = store.root / name
-        try:
-            freed += path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            continue
-    store.mark_purged(ids)
-    return len(ids), freed
+def _files(store: ResultStore, r: Result) -> list[Path]:
+    return [store.root / name for name in dict.fromkeys((r.image_file, r.heatmap_file))]
+
+
+def _bytes(store: ResultStore, r: Result) -> int:
+    return sum(p.stat().st_size for p in _files(store, r) if p.is_file())
+
+
+def _delete(store: ResultStore, results: list[Result]) -> None:
+    """Delete these results' image and heatmap files and mark them purged (rows kept)."""
+    for r in results:
+        for path in _files(store, r):
+            path.unlink(missing_ok=True)
+    store.mark_purged([r.id for r in results])
 
 
 def prune_versions(store: ResultStore, rule: Retention, models_dir: Path, serving: set[str]) -> list[str]:
-    """Delete station-written model versions beyond the newest ``keep_versions`` (never a
-    pinned one, one being served, or a file outside ``models_dir``); returns their ids."""
-    own = [v for v in store.versions() if v.pruned is None and Path(v.path).parent == models_dir]
-    candidates = [v for v in own if not v.pinned and v.version not in serving]
+    """Delete station-written model versions beyond the newest ``keep_versions`` unpinned
+    ones (pinned ones are kept besides; never the one being served or a file outside
+    ``models_dir``); returns their ids."""
+    unpinned = [v for v in store.versions() if v.pruned is None and not v.pinned and Path(v.path).parent == models_dir]
     pruned = []
-    for v in candidates[: max(0, len(own) - rule.keep_versions)]:
+    for v in unpinned[: max(0, len(unpinned) - rule.keep_versions)]:
+        if v.version in serving:
+            continue
         Path(v.path).unlink(missing_ok=True)
         store.mark_pruned(v.version)
         pruned.append(v.version)

@@ -29,7 +29,7 @@ from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import FORMATS, check_pixels, decode_problem, load_image
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector
-from defectscope.errors import ConfigError, DataError
+from defectscope.errors import ConfigError, DataError, DefectscopeError
 from defectscope.explain import make_finding
 from defectscope.report import overlay
 from defectscope.scoring import Judge, Judged, score_samples
@@ -314,6 +314,12 @@ class Station:
         try:
             save_detector(detector, path, extra={**extra, "parent": self.current.version, "note": note})
             new = ModelVersion.load(path)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise DefectscopeError(
+                f"Could not write the new model version ({exc.strerror or exc}); nothing was recorded. "
+                "Free space in the store (or fix its permissions) and send the correction again."
+            ) from exc
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -66,11 +66,13 @@ class FolderWatcher(FileSystemEventHandler):
     store that fails to write, the folder itself vanishing) is recorded with its file, the
     file is tried again with back-off, and the watcher goes on; it never dies quietly."""
 
-    def __init__(self, station: Station, folder: str | Path, *, settle_s: float = 0.5, poll_s: float = 0.1) -> None:
+    def __init__(
+        self, station: Station, folder: str | Path, *, settle_s: float = 0.5, poll_s: float = 0.1, retry_s: float = 1.0
+    ) -> None:
         self.station, self.folder = station, Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"Watch folder not found: {self.folder}. Create it or check the path.")
-        self.settle_s, self.poll_s = settle_s, poll_s
+        self.settle_s, self.poll_s, self.retry_s = settle_s, poll_s, retry_s  # retry_s: the first back-off
         self._pending: dict[Path, tuple[int, int, float]] = {}  # path -> (size, mtime_ns, stable since)
         self._retry: dict[Path, tuple[int, float]] = {}  # path -> (failed attempts, not before)
         self._lock = threading.Lock()
@@ -136,7 +138,7 @@ class FolderWatcher(FileSystemEventHandler):
                 self._check()
             except Exception as exc:  # noqa: BLE001 - supervision: record, back off, go on
                 self._failed(None, exc, counts=True)
-                self._stop.wait(backoff(self.health.consecutive, self.poll_s * 10))
+                self._stop.wait(backoff(self.health.consecutive, self.retry_s))
                 continue
             if self.health.state == "starting":
                 self.health.state = "running"
@@ -182,7 +184,7 @@ class FolderWatcher(FileSystemEventHandler):
         with self._lock:
             attempts = self._retry.get(path, (0, 0.0))[0] + 1
             if attempts < MAX_ATTEMPTS:
-                self._retry[path] = (attempts, time.monotonic() + backoff(attempts, self.poll_s * 10))
+                self._retry[path] = (attempts, time.monotonic() + backoff(attempts, self.retry_s))
                 return
             self._retry.pop(path, None)
         self.health.given_up += 1
