@@ -97,10 +97,11 @@ def library_predict(model: Path, images: list[Path], out: Path) -> float:
     """images/s of the same run in-process, model already loaded (what the CLI does after start-up)."""
     from defectscope.artifacts import load_detector, read_manifest
     from defectscope.engines.local import predict_folder
+    from defectscope.scoring import Judge
 
     detector, extra = load_detector(model), read_manifest(model)["extra"]
     t0 = time.perf_counter()
-    predict_folder(detector, images, out, threshold=extra["threshold"]["value"], map_range=extra["map_range"])
+    predict_folder(detector, images, out, judge=Judge.of(extra, str(model)), map_range=extra["map_range"])
     return len(images) / (time.perf_counter() - t0)
 
 

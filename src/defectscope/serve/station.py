@@ -33,7 +33,7 @@ from defectscope.errors import ConfigError, DataError, DefectscopeError
 from defectscope.explain import make_finding
 from defectscope.report import overlay
 from defectscope.scoring import Judge, Judged, score_samples
-from defectscope.serve.retention import Retention, prune_versions, purge_images
+from defectscope.serve.retention import GB, Retention, prune_versions, purge_images
 from defectscope.serve.store import Result, SQLiteStore, Version, new_id
 from defectscope.thresholds import Threshold, f1_optimal
 
@@ -223,24 +223,36 @@ class Station:
         self._update = threading.Lock()
         self._serve(current)
         self.batcher = MicroBatcher(self._score_jobs, max_batch=max_batch, window_s=window_s)
-        self._closing = threading.Event()
+        self._closing, self._wake, self._written = threading.Event(), threading.Event(), 0
         self._sweeper = threading.Thread(target=self._sweep_every, args=(sweep_s,), name="defectscope-retention", daemon=True)
         self._sweeper.start()
 
     def close(self) -> None:
         self._closing.set()
+        self._wake.set()
         self.batcher.close()
         self._sweeper.join(timeout=30)
 
     def _sweep_every(self, seconds: float) -> None:
-        """Apply the retention rule at start and then every ``seconds``; a failed sweep is
-        logged and tried again next time (it never stops the station)."""
+        """Apply the retention rule at start, every ``seconds``, and as soon as the images
+        written since the last sweep reach 5% of --max-store-gb; a failed sweep is logged
+        and tried again next time (it never stops the station)."""
         while not self._closing.is_set():
+            self._written = 0
             try:
                 self.sweep()
             except Exception:  # noqa: BLE001 - retention must not take the station down; the log says why
                 log.exception("Retention sweep of %s failed; trying again in %.0f s.", self.store.root, seconds)
-            self._closing.wait(seconds)
+            self._wake.wait(seconds)
+            self._wake.clear()
+
+    def _wrote(self, *paths: Path) -> None:
+        """Count bytes written to the store; wake the sweeper when a size limit may be near."""
+        if self.retention.max_store_gb is None:
+            return
+        self._written += sum(p.stat().st_size for p in paths if p.is_file())
+        if self._written > 0.05 * self.retention.max_store_gb * GB:
+            self._wake.set()
 
     def store_uploads(self, uploads: list[tuple[bytes, str]]) -> list[Job]:
         """Check every upload, then keep each in the store under a new id (names are only
@@ -290,6 +302,7 @@ class Station:
             reason=judged.verdict.invalid_reason,
         )
         self.store.add(result, seen_key=job.seen_key)
+        self._wrote(job.path, heat)
         return result
 
     def versions(self) -> list[dict[str, Any]]:
