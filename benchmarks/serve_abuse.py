@@ -8,7 +8,7 @@ Starts `defectscope serve` in its own process (PatchCore on battery_weld train/g
    limit and once with it effectively off, while one client polls /healthz: status
    counts (HTTP 500s must be 0) and /healthz p50/p99 latency;
 3. --corrections "good part" corrections in a row (upload + feedback, each a new model
-   version) on a station with --keep-versions 5 --keep-in-memory 2 --max-store-gb 0.05:
+   version) on a station with --keep-versions 5 --keep-in-memory 2 --max-store-gb 0.02:
    RSS, model files and store bytes every 50 corrections.
 
     python benchmarks/serve_abuse.py [--malformed 2000] [--corrections 500] [--model M.dscope]
@@ -171,16 +171,16 @@ def main() -> None:
                 print(f"| {name} | {outcome} | {sent:.0f} | {grew:+.1f} |", flush=True)
         print(f"\n## {args.malformed} malformed requests from {args.clients} clients, /healthz polled meanwhile\n")
         print("| rate limit | HTTP 500 | statuses | /healthz p50 ms | /healthz p99 ms | /healthz polls |\n|---|---|---|---|---|---|")
-        for label, rate in (("default 100/second per client", "100/second"), ("off (100000/second)", "100000/second")):
+        for label, rate in (("default 200/second per client", "200/second"), ("off (100000/second)", "100000/second")):
             with serving(model, tmp / f"store-{len(label)}", args=("--rate-limit", rate)) as (url, _):
                 counts, lat = malformed(url, args.malformed, args.clients)
             lat.sort()
             p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
             statuses = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: str(kv[0])))
             print(f"| {label} | {counts.get(500, 0)} | {statuses} | {statistics.median(lat):.1f} | {p99:.1f} | {len(lat)} |", flush=True)
-        print(f"\n## {args.corrections} corrections in a row (--keep-versions 5 --keep-in-memory 2 --max-store-gb 0.05)\n")
+        print(f"\n## {args.corrections} corrections in a row (--keep-versions 5 --keep-in-memory 2 --max-store-gb 0.02)\n")
         store = tmp / "store-corrections"
-        bounded = ("--keep-versions", "5", "--keep-in-memory", "2", "--max-store-gb", "0.05", "--rate-limit", "100000/second")
+        bounded = ("--keep-versions", "5", "--keep-in-memory", "2", "--max-store-gb", "0.02", "--rate-limit", "100000/second")
         with serving(model, store, args=bounded) as (url, proc):
             rows = corrections(url, proc.pid, store, args.corrections, args.max_seconds)
         print("\n| corrections | server RSS MB | model files in the store | store MB |\n|---|---|---|---|")

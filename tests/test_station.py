@@ -37,9 +37,9 @@ def station(model: Path, tmp_path: Path):
     st.close()
 
 
-def local(app) -> TestClient:
-    """A client that reaches the app as a browser on the station's own machine would."""
-    return TestClient(app, base_url="http://127.0.0.1")
+def local(app, host: str = "127.0.0.1") -> TestClient:
+    """A client that reaches the app as a browser on ``host`` would (the Host header is checked)."""
+    return TestClient(app, base_url=f"http://{host}")
 
 
 @pytest.fixture()

@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import expect, sync_playwright
 from test_report import CHROMIUM_FLAGS, chromium
+from test_station import local, model, station  # noqa: F401 - the station tests' fixtures
 from test_station_live import serving
 
-from defectscope import pipeline
 from defectscope.artifacts import load_detector, save_detector
-from defectscope.data.datasets import Record, iter_samples, load_dataset
+from defectscope.data.datasets import Record, iter_samples
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
 from defectscope.scoring import Judge, score_samples
@@ -33,23 +33,6 @@ from defectscope.serve.watch import FolderWatcher
 from defectscope.thresholds import f1_optimal
 
 TOKEN, READ = "change-token-0123456789", "read-only-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, battery: Path) -> Path:
-    fitted = pipeline.fit(make_detector("patchcore"), load_dataset(battery).train[:12])
-    return save_detector(fitted.detector, tmp_path_factory.mktemp("year") / "weld.dscope", extra=fitted.extra())
-
-
-@pytest.fixture()
-def station(model: Path, tmp_path: Path):
-    st = Station(model, SQLiteStore(tmp_path / "store"))
-    yield st
-    st.close()
-
-
-def local(app, host: str = "127.0.0.1") -> TestClient:
-    return TestClient(app, base_url=f"http://{host}")
 
 
 def upload(client: TestClient, path: Path, **kw) -> httpx.Response:

@@ -524,7 +524,7 @@ def serve(
     read_token: Annotated[Optional[str], typer.Option(envvar="DEFECTSCOPE_READ_TOKEN", help="Optional second token that can only read (review page, results).")] = None,  # noqa: UP045
     allowed_host: Annotated[Optional[list[str]], typer.Option(help="A host name clients use to reach the station (e.g. the reverse proxy's); repeatable.")] = None,  # noqa: UP045
     max_request_mb: Annotated[float, typer.Option(help="Largest multipart request (several images), refused with 413 while it arrives.")] = 128.0,
-    rate_limit: Annotated[str, typer.Option(help="Requests per client address, e.g. 100/second (all routes but /healthz).")] = "100/second",
+    rate_limit: Annotated[str, typer.Option(help="Requests per client address, e.g. 200/second (all routes but /healthz).")] = "200/second",
     keep_days: Annotated[Optional[float], typer.Option(help="Delete images (and heatmaps) older than this many days; their results stay.")] = None,  # noqa: UP045
     max_store_gb: Annotated[Optional[float], typer.Option(help="Delete the oldest images while the store is larger than this.")] = None,  # noqa: UP045
     keep_versions: Annotated[int, typer.Option(help="Model versions written by the station kept on disk (pinned ones always are).")] = 10,

@@ -46,7 +46,7 @@ class Limits:
     """What one client may send: bytes per request and requests per time."""
 
     max_request_mb: float = 128.0  # a multipart request of several images (spooled to disk while parsed)
-    rate: str = "100/second"  # per client address, every route but /healthz
+    rate: str = "200/second"  # per client address, every route but /healthz
     login_rate: str = "10/minute"  # per client address, for guessing tokens at /login
 
     def __post_init__(self) -> None:
@@ -56,7 +56,7 @@ class Limits:
             try:
                 parse(rate)
             except ValueError:
-                raise ConfigError(f"Rate {rate!r} is not a rate; write it like 100/second or 600/minute.") from None
+                raise ConfigError(f"Rate {rate!r} is not a rate; write it like 200/second or 600/minute.") from None
 
 
 class Feedback(BaseModel):

@@ -94,7 +94,7 @@ class BodyLimit:
 
 
 class RateLimit:
-    """429 (with Retry-After) for a client over ``rate`` (e.g. "100/second"); paths in
+    """429 (with Retry-After) for a client over ``rate`` (e.g. "200/second"); paths in
     ``exempt`` are never limited, paths in ``strict`` get the ``strict_rate`` instead."""
 
     def __init__(self, app: ASGIApp, *, rate: str, strict_rate: str, strict: tuple[str, ...], exempt: tuple[str, ...]) -> None:

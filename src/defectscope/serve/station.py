@@ -81,9 +81,10 @@ class ModelVersion:
         return None if r is None else (float(r[0]), float(r[1]))
 
     def describe(self) -> dict[str, Any]:
-        """What clients may know of this version (no server paths)."""
+        """What clients may know of this version: server paths (a model's own file, or one an
+        option names, e.g. CLIP weights or learned prompts) are cut to their file names."""
         m = self.manifest
-        return {
+        return without_paths({
             "version": self.version,
             "file": self.path.name,
             "method": m["method"],
@@ -95,7 +96,18 @@ class ModelVersion:
             "defectscope_version": m.get("defectscope_version"),
             "info": m.get("info", {}),
             "parent": self.extra.get("parent"),
-        }
+        })
+
+
+def without_paths(value: Any) -> Any:
+    """``value`` with every absolute path string replaced by its file name."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
+        return Path(value).name
+    return value
 
 
 def next_version_path(folder: Path, model: Path) -> Path:

@@ -3,8 +3,12 @@
 watchdog reports new and moved-in files; a file is scored once its size and modification
 time have stopped changing (half-written files are waited for). Each file is known by
 its absolute path, size and modification time; the store records that key in the same
-transaction as the result, so a restart neither skips nor repeats a file. On start, the
-folder is scanned for files that arrived while the station was down.
+transaction as the result, so a restart neither skips nor repeats a file. On start (and
+whenever watching has to be started again) the folder is scanned for files that arrived
+while nobody watched.
+
+The watching thread is its own supervisor: every error is recorded with its file and
+retried with back-off, and `WatchHealth` tells /healthz how it is doing.
 """
 
 from __future__ import annotations
