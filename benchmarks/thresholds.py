@@ -1,15 +1,16 @@
-"""Decision thresholds from normal images only: the old held-out rule against the new one.
+"""Does the threshold keep its promise? Stated false-alarm rate against the rate realized on
+test/good, with a 95% Clopper-Pearson interval, for the ways PatchCore scores its own
+training images (the scores the threshold is the quantile of):
 
-old: hold out 10% of train/good (seeded), fit on the rest, 0.99 quantile of the held-out
-     scores (what `fit` did before). Which images are held out is chance, so the old rule
-     runs with seeds 0..N-1 (--seeds) and its rows give mean ± std over them.
-new: fit on all of train/good, score every training image leaving it out (memory banks)
-     or cross-fitted (others), 0.99 quantile, i.e. a stated false-alarm rate of 0.01.
-For each: the threshold, how many normal scores set it, the false-alarm rate on
-test/good, the miss rate on the defective test images, and the fit time (including the
-scoring that sets the threshold). The test split is only used to measure, never to set.
+cross-fit      10 folds (--folds), each fold's coreset selected again from the other folds (the default)
+leave-one-out  each image's entries dropped from the coreset that was selected with it
 
-    python benchmarks/thresholds.py [--datasets magnetic_tile,battery_weld] [--methods patchcore] [--rate 0.01]
+One fit per dataset and scheme gives the normal scores; the threshold at each stated rate
+is their (1 - rate) quantile (`thresholds.from_normal`). The test split only measures:
+the false-alarm count on test/good, recall on the defective images, and beside them the
+threshold-free TPR at FPR 1% / 5% from the test ROC. Fit s includes the normal scores.
+
+    python benchmarks/thresholds.py [--datasets magnetic_tile,bsdata] [--schemes cross-fit,leave-one-out]
 """
 
 from __future__ import annotations
@@ -18,65 +19,62 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy.stats import binomtest
+
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+RATES = (0.01, 0.02, 0.05, 0.10)
 
 
-def run(dataset: str, method: str, rule: str, rate: float, seed: int = 0) -> dict:
-    from defectscope import pipeline
+def calibration(dataset: str, scheme: str, rates: tuple[float, ...], folds: int = 5) -> tuple[list[dict], float, dict[str, float]]:
+    """Rows per stated rate, the fit time (s) and the threshold-free operating points."""
     from defectscope.data.datasets import load_dataset
     from defectscope.detectors.base import make_detector
-    from defectscope.evaluate import error_rates, score_records
+    from defectscope.evaluate import score_records
+    from defectscope.metrics import tpr_at_fpr
+    from defectscope.thresholds import from_normal
 
     ds = load_dataset(DATASETS / dataset)
-    det = make_detector(method)
+    det = make_detector("patchcore", normal_scores=scheme)
     t0 = time.perf_counter()
-    fitted = pipeline.fit(det, ds.train, false_alarm_rate=rate, holdout=0.1 if rule == "old" else 0.0, seed=seed)
+    normal = det.fit_scored(ds.train, folds=folds)
     fit_s = time.perf_counter() - t0
     scored = score_records(det, ds.test)
-    thr = fitted.threshold
-    far, miss = error_rates(scored, thr.value)
-    return {
-        "dataset": dataset,
-        "method": method,
-        "rule": f"{rule} ({thr.source})",
-        "threshold": thr.value,
-        "scores": thr.n_normal,
-        "fit_images": int(len(ds.train) - (thr.n_normal if rule == "old" else 0)),
-        "far": far,
-        "miss": miss,
-        "fit_s": fit_s,
-    }
-
-
-def _cell(values: list[float], digits: int = 3) -> str:
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.{digits}f}" if v.size == 1 else f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+    good, bad = scored.scores[scored.labels == 0], scored.scores[scored.labels == 1]
+    rows = []
+    for rate in rates:
+        thr = from_normal(normal.scores, false_alarm_rate=rate, source=normal.how).value
+        k = int((~(good < thr)).sum())  # NaN counts as flagged, as everywhere
+        ci = binomtest(k, good.size).proportion_ci(confidence_level=0.95, method="exact")
+        rows.append({
+            "rate": rate, "threshold": thr, "k": k, "n": good.size, "low": ci.low, "high": ci.high,
+            "inside": ci.low <= rate <= ci.high, "recall": float((~(bad < thr)).mean()),
+        })
+    points = {f"TPR@FPR{int(100 * f)}%": tpr_at_fpr(scored.scores, scored.labels, f) for f in (0.01, 0.05)}
+    return rows, fit_s, points
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="magnetic_tile,battery_weld")
-    ap.add_argument("--methods", default="patchcore")
-    ap.add_argument("--rate", type=float, default=0.01)
-    ap.add_argument("--seeds", type=int, default=10, help="seeds of the old rule's held-out draw")
+    ap.add_argument("--datasets", default="magnetic_tile,bsdata")
+    ap.add_argument("--schemes", default="cross-fit,leave-one-out")
+    ap.add_argument("--rates", default=",".join(str(r) for r in RATES))
+    ap.add_argument("--folds", type=int, default=10, help="cross-fitting folds (what `fit` uses: 10)")
     args = ap.parse_args()
-    print(f"stated false-alarm rate {args.rate}; old rule over {args.seeds} seeds (mean ± std)")
-    print("| dataset | method | rule | threshold | normal scores | fit images | test/good false-alarm rate | mean abs(FAR - stated) | miss rate | fit s |")
+    rates = tuple(float(r) for r in args.rates.split(","))
+    print("| dataset | normal scores | stated rate | threshold | false alarms on test/good | realized rate | 95% interval | stated inside | recall | fit s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dataset in args.datasets.split(","):
-        for method in args.methods.split(","):
-            for rule in ("old", "new"):
-                runs = [run(dataset, method, rule, args.rate, seed) for seed in range(args.seeds if rule == "old" else 1)]
-                first = runs[0]
+        for scheme in args.schemes.split(","):
+            rows, fit_s, points = calibration(dataset, scheme, rates, args.folds)
+            label = f"{args.folds}-fold {scheme}" if scheme == "cross-fit" else scheme
+            for r in rows:
                 print(
-                    f"| {dataset} | {method} | {first['rule']} | {_cell([r['threshold'] for r in runs], 2)} | {first['scores']} | "
-                    f"{first['fit_images']} | {_cell([r['far'] for r in runs])} | "
-                    f"{sum(abs(r['far'] - args.rate) for r in runs) / len(runs):.3f} | {_cell([r['miss'] for r in runs])} | "
-                    f"{_cell([r['fit_s'] for r in runs], 1)} |",
+                    f"| {dataset} | {label} | {r['rate']:.0%} | {r['threshold']:.3f} | {r['k']}/{r['n']} | {r['k'] / r['n']:.3f} | "
+                    f"[{r['low']:.3f}, {r['high']:.3f}] | {'yes' if r['inside'] else '**no**'} | {r['recall']:.3f} | {fit_s:.1f} |",
                     flush=True,
                 )
+            print(f"| {dataset} | (threshold-free, test ROC) | {', '.join(f'{k} {v:.3f}' for k, v in points.items())} | | | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

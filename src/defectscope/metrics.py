@@ -151,6 +151,20 @@ def pro_area(c: Curve, fpr_limit: float) -> float:
     return float(np.trapezoid(pro, fpr) / fpr_limit)
 
 
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float) -> float:
+    """The largest true-positive rate of any threshold whose false-positive rate is at most
+    ``fpr`` (threshold-free: what the best threshold for that false-alarm budget would
+    catch on this set). NaN when only one class is present."""
+    return curve_tpr_at_fpr(curve(scores, labels), fpr)
+
+
+def curve_tpr_at_fpr(c: Curve, fpr: float) -> float:
+    if not _defined(c):
+        return float("nan")
+    ok = c.fp / c.negatives <= fpr + 1e-12
+    return float((c.tp[ok] / c.positives).max()) if ok.any() else 0.0
+
+
 def misclassified(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[int, int]:
     """(false positives, false negatives) at ``threshold``, by the verdict rule (`verdict.flagged`)."""
     scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel().astype(bool)
@@ -159,12 +173,15 @@ def misclassified(scores: np.ndarray, labels: np.ndarray, threshold: float) -> t
 
 
 def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Image AUROC, AP, F1-max, its threshold and the misclassifications there."""
+    """Image AUROC, AP, TPR at FPR 1% and 5% (the operating points a line runs at), F1-max,
+    its threshold and the misclassifications there."""
     c = curve(scores, labels)
     f1, thr = curve_f1_max(c)
     fp, fn = misclassified(scores, labels, thr) if np.isfinite(thr) else (0, 0)
     return {
         "image_auroc": curve_auroc(c),
+        "tpr_at_fpr1": curve_tpr_at_fpr(c, 0.01),
+        "tpr_at_fpr5": curve_tpr_at_fpr(c, 0.05),
         "image_ap": curve_ap(c),
         "image_f1max": f1,
         "f1_threshold": thr,

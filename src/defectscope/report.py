@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from defectscope.charts import Axes, Series, histogram, line_chart
 from defectscope.data.images import load_image
-from defectscope.evaluate import COLUMNS, EvalResult, format_value
+from defectscope.evaluate import COLUMNS, EvalResult, format_value, operating_point
 from defectscope.metrics import curve, curve_points
 from defectscope.verdict import decide
 
@@ -146,11 +146,7 @@ def html_report(result: EvalResult, path: str | Path, *, worst: int = 4) -> Path
         for key, title, idx in sections
     )
     if result.threshold is not None:
-        t = result.threshold
-        threshold_text = (
-            f"Threshold {t['value']:.4g}: {escape(t['method'])}. On this test split it flags "
-            f"{100 * t['test_false_alarm_rate']:.1f}% of good images and misses {100 * t['test_miss_rate']:.1f}% of defective ones."
-        )
+        threshold_text = escape(operating_point(result.threshold))
     else:
         threshold_text = "No threshold was set from the training images."
     cost = ", ".join(f"{escape(k)} {v:.2f}" for k, v in result.cost.items())
