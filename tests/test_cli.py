@@ -70,7 +70,7 @@ def test_fit_threshold_from_all_images_and_validation_guard(small_mvtec: Path, t
     model = tmp_path / "m.dscope"
     code, out = run("fit", str(small_mvtec), "-o", str(model), "--false-alarm-rate", "0.05")
     assert code == 0, out
-    assert "leave-one-image-out normal scores of 12 images" in out and "0.95 quantile" in out
+    assert "10-fold cross-fitting, coreset selected again per fold normal scores of 12 images" in out and "0.95 quantile" in out
     code, out = run("fit", str(small_mvtec), "-o", str(tmp_path / "v.dscope"), "--validation", str(small_mvtec))
     assert code == 2 and "--force" in out and not (tmp_path / "v.dscope").exists()
     code, out = run("fit", str(small_mvtec), "-o", str(tmp_path / "v.dscope"), "--validation", str(small_mvtec), "--force")
@@ -91,7 +91,7 @@ def test_demo_says_each_warning_once_on_one_line(tmp_path: Path) -> None:
     assert str(SAMPLE / "ground_truth" / "defective") in lines[0] and str(SAMPLE / "test" / "defective") in lines[0]
     for name in ("model.dscope", "report.md", "report.html", "metrics.json"):
         assert (tmp_path / "demo" / name).is_file()
-    assert "leave-one-image-out" in (tmp_path / "demo" / "report.md").read_text()
+    assert "cross-fitting, coreset selected again per fold" in (tmp_path / "demo" / "report.md").read_text()
 
 
 def test_add_normals_writes_a_new_model_and_keeps_the_old(small_mvtec: Path, tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from defectscope.metrics import aupro, auroc, average_precision, f1_max, image_metrics, misclassified, pixel_metrics
+from defectscope.metrics import aupro, auroc, average_precision, f1_max, image_metrics, misclassified, pixel_metrics, tpr_at_fpr
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -90,3 +90,16 @@ def test_perfect_and_inverted_maps() -> None:
     perfect = pixel_metrics([m.astype(float)], [m])
     assert perfect["pixel_auroc"] == 1.0 and perfect["aupro"] == pytest.approx(1.0)
     assert pixel_metrics([1.0 - m], [m])["aupro"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tpr_at_fpr_matches_the_sklearn_roc_with_ties(seed: int) -> None:
+    """The best recall of any threshold that flags at most 1% / 5% of the good images."""
+    rng = np.random.default_rng(seed)
+    scores = np.round(np.r_[rng.normal(0, 1, 500), rng.normal(1.5, 1, 120)], 1)  # rounded: many ties
+    labels = np.r_[np.zeros(500), np.ones(120)].astype(bool)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    for budget in (0.0, 0.01, 0.05, 0.2):
+        assert tpr_at_fpr(scores, labels, budget) == pytest.approx(tpr[fpr <= budget].max())
+    assert image_metrics(scores, labels)["tpr_at_fpr1"] == pytest.approx(tpr[fpr <= 0.01].max())
+    assert np.isnan(tpr_at_fpr(scores, np.zeros_like(labels), 0.01))

@@ -52,7 +52,7 @@ def test_report_is_self_contained_with_every_part(report: Path) -> None:
         part = html.split(f'id="{section}"')[1].split("</section>")[0]
         assert part.count('<figure class="case">') == 4
         assert part.count("data:image/png;base64,") == 12  # original | overlay | mask each
-    assert "Threshold " in html and "leave-one-image-out" in html
+    assert "Threshold " in html and "cross-fitting" in html and "recall" in html
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing outside the file
 
 

@@ -74,7 +74,7 @@ def test_predict_record_and_read_back(client: TestClient, battery: Path) -> None
     page = client.get("/v1/results", params={"limit": 2}).json()
     assert page["total"] == 4 and len(page["items"]) == 2
     assert client.get("/healthz").json() == {"status": "ok", "model_version": model["version"]}
-    assert model["method"] == "patchcore" and model["threshold"]["source"] == "leave-one-image-out"
+    assert model["method"] == "patchcore" and model["threshold"]["source"] == "10-fold cross-fitting, coreset selected again per fold"
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from defectscope import pipeline
 from defectscope.artifacts import read_manifest, save_detector
@@ -47,13 +48,47 @@ def test_normal_scores_are_leave_one_out(battery: Path, method: str, options: di
     assert np.all(in_sample <= normal.scores + 1e-6) if method in ("patchcore", "spade") else in_sample.shape == (5,)
 
 
-def test_coreset_leave_one_out_scores_look_like_unseen_normal_images(battery: Path) -> None:
-    """With the 1% coreset the left-out score is an approximation: it must sit in the range
-    of the test split's good images, far above in-sample scores."""
+def test_coreset_cross_fit_selects_each_folds_coreset_without_its_images(battery: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a coreset, every fold's coreset is selected again from the other folds' patches
+    only (as many entries as the fitted coreset), so no held-out image ever shaped the bank
+    it is scored against."""
+    from defectscope.detectors import patchcore
+
+    calls, owners = [], []
+    real_select, real_collect = patchcore.greedy_coreset, patchcore.PatchCore._collect
+
+    def recording(rows, n, **kw):
+        calls.append(({r.numpy().tobytes() for r in rows}, rows.shape[0], n))
+        return real_select(rows, n, **kw)
+
+    def collect(self, images, progress):
+        feats, owner, grids = real_collect(self, images, progress)
+        owners.append((feats, owner))
+        return feats, owner, grids
+
+    monkeypatch.setattr(patchcore, "greedy_coreset", recording)
+    monkeypatch.setattr(patchcore.PatchCore, "_collect", collect)
+    records = load_dataset(battery).train[:20]
+    det = make_detector("patchcore", coreset_ratio=0.05)
+    normal = det.fit_scored(records, folds=4)
+    assert normal.how == "4-fold cross-fitting, coreset selected again per fold" and normal.scores.shape == (20,)
+    (_, total, n_fit), folds = calls[0], calls[1:]
+    feats, owner = owners[0]
+    image_rows = [{r.numpy().tobytes() for r in feats[owner == i]} for i in range(20)]
+    held_out = [{i for i in range(20) if not image_rows[i] <= rows} for rows, _, _ in folds]
+    assert len(folds) == 4 and all(n == n_fit == det.bank.shape[0] for _, _, n in folds)
+    assert sorted(i for h in held_out for i in h) == list(range(20))  # each image held out exactly once
+    for (_, size, _), h in zip(folds, held_out, strict=True):  # and the fold saw every other image's patches
+        assert size == total - sum(int((owner == i).sum()) for i in h)
+
+
+def test_coreset_cross_fit_scores_look_like_unseen_normal_images(battery: Path) -> None:
+    """With the 1% coreset the cross-fitted score must sit in the range of the test split's
+    good images, far above in-sample scores."""
     ds = load_dataset(battery)
     det = make_detector("patchcore")
     normal = det.fit_scored(ds.train)
-    assert normal.how == "leave-one-image-out" and normal.scores.shape == (45,)
+    assert normal.how == "10-fold cross-fitting, coreset selected again per fold" and normal.scores.shape == (45,)
     good = [r for r in ds.test if r.label == 0]
     test_good = score_records(det, good).scores
     in_sample = score_records(det, ds.train).scores
@@ -67,11 +102,11 @@ def test_fit_uses_every_image_and_records_the_rule(small_mvtec: Path, tmp_path: 
     fitted = pipeline.fit(det, records, false_alarm_rate=0.05)
     assert det.timings["images"] == len(records)  # nothing held out
     thr = fitted.threshold
-    assert thr.n_normal == len(records) and thr.source == "leave-one-image-out"
+    assert thr.n_normal == len(records) and thr.source.startswith("10-fold cross-fitting")
     assert thr.false_alarm_rate == 0.05 and "0.95 quantile" in thr.method
     path = save_detector(det, tmp_path / "m.dscope", extra=fitted.extra())
     saved = read_manifest(path)["extra"]["threshold"]
-    assert saved["n_normal"] == len(records) and saved["source"] == "leave-one-image-out"
+    assert saved["n_normal"] == len(records) and saved["source"] == thr.source
     old = pipeline.fit(make_detector("patchcore"), records, holdout=0.2)
     assert old.threshold.source == "held-out" and old.threshold.n_normal < len(records)
 

@@ -93,6 +93,17 @@ class EvalResult:
         keep = ("method", "dataset", "rows", "cost", "config", "threshold")
         return json.dumps({k: getattr(self, k) for k in keep}, indent=2, default=float)
 
+    def to_dataframe(self) -> Any:
+        """The metric table as a pandas DataFrame, one row per defect type and "overall"."""
+        import pandas as pd
+
+        return pd.DataFrame([{k: row.get(k) for k in ("defect", "n_images", *COLUMNS)} for row in self.rows]).set_index("defect")
+
+    def __repr__(self) -> str:
+        o = self.overall
+        auroc = "-" if o.get("image_auroc") is None else f"{o['image_auroc']:.3f}"
+        return f"EvalResult({self.method} on {Path(self.dataset).name}: image AUROC {auroc}, {len(self.rows) - 1} defect types)"
+
     def to_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["defect", "n_images", *COLUMNS])

@@ -97,6 +97,39 @@ def load_image(path: str | Path) -> np.ndarray:
     return arr
 
 
+def image_array(image: Image.Image | np.ndarray, name: str) -> np.ndarray:
+    """An image handed over in memory (a PIL image, or a numpy array H x W grey or H x W x 3
+    / x 4 colour; uint8, uint16, bool, or float in [0, 1]) as float32 H x W x 3 in [0, 1].
+    NaN stays NaN (the frame checks refuse it); anything else a camera would not produce is
+    a DataError that says how to convert it."""
+    if isinstance(image, Image.Image):
+        check_pixels(image.size, name)
+        arr = _to_float_array(image)
+    elif isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+            image = image[..., :3] if image.shape[2] == 4 else image
+        elif image.ndim != 2:
+            raise DataError(f"{name}: an array of shape {image.shape}; pass H x W (grey) or H x W x 3 (RGB).")
+        check_pixels((image.shape[1], image.shape[0]), name)
+        if image.dtype == np.uint8:
+            arr = image.astype(np.float32) / 255.0
+        elif image.dtype == np.uint16:
+            arr = image.astype(np.float32) / 65535.0
+        elif image.dtype == bool:
+            arr = image.astype(np.float32)
+        elif np.issubdtype(image.dtype, np.floating):
+            arr = image.astype(np.float32)
+            finite = arr[np.isfinite(arr)]
+            if finite.size and (finite.min() < 0 or finite.max() > 1):
+                raise DataError(f"{name}: float pixels from {finite.min():.3g} to {finite.max():.3g}; scale them to [0, 1] (e.g. divide by 255).")
+        else:
+            raise DataError(f"{name}: pixels of type {image.dtype}; pass uint8, uint16 or float in [0, 1].")
+        arr = arr[..., None] if arr.ndim == 2 else arr
+    else:
+        raise DataError(f"{name}: a {type(image).__name__}; pass a file path, a PIL image or a numpy array.")
+    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+
+
 def load_image_uint8(path: str | Path) -> np.ndarray:
     """Read an image as uint8 in its own colour mode: H x W for greyscale, H x W x 3 otherwise."""
     arr = _to_float_array(_open(Path(path), "image"))
