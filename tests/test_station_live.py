@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,8 @@ def test_review_page_upload_correct_and_rescore(model: Path, tmp_path: Path, bat
             shot = tmp_path / "station.png"
             page.screenshot(path=str(shot), full_page=True)
             print(f"station screenshot: {shot}")  # noqa: T201 - asked for in the test's output
+            if os.environ.get("DEFECTSCOPE_UPDATE_DOCS") == "1":  # the docs' screenshot comes from this test
+                shutil.copyfile(shot, Path(__file__).resolve().parents[1] / "docs" / "assets" / "station.png")
         finally:
             browser.close()
     rows = [p for p in (tmp_path / "store" / "images").iterdir() if p.name.endswith("_heatmap.png")]

@@ -36,10 +36,10 @@ from defectscope.errors import ConfigError, DataError
 from defectscope.evaluate import EvalResult
 from defectscope.evaluate import evaluate as evaluate_method
 from defectscope.explain import Finding, make_finding
-from defectscope.report import overlay
+from defectscope.report import html_report, overlay
 from defectscope.runtimes import ExportedModel, is_exported
 from defectscope.scoring import Judge, score_samples
-from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE
+from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold
 
 ImageLike = str | Path | Image.Image | np.ndarray
 
@@ -73,7 +73,7 @@ class Result:
     def __repr__(self) -> str:
         score = "no score" if self.score is None else f"score={self.score:.4g}"
         why = f", reason={self.reason!r}" if self.reason else ""
-        return f"Result({self.verdict}, {score}, threshold={self.threshold}, regions={len(self.regions)}{why}, source={self.source!r})"
+        return f"Result({self.verdict}, {score}, threshold={_short(self.threshold)}, regions={len(self.regions)}{why}, source={self.source!r})"
 
     @property
     def is_defective(self) -> bool | None:
@@ -93,6 +93,10 @@ class Result:
         return answer(self.finding, question)
 
 
+def _short(value: float | None) -> str:
+    return "None" if value is None else f"{value:.4g}"
+
+
 class Model:
     """A fitted model (or an exported graph) with its threshold, frame limits and map
     range, as the model file records them."""
@@ -102,8 +106,8 @@ class Model:
         self.judge = Judge.of(extra, str(path or model_id))
 
     def __repr__(self) -> str:
-        where = f", file={str(self.path)!r}" if self.path else ""
-        return f"Model({self.detector.name}, threshold={self.threshold}{where}, id={self.model_id[:12]})"
+        where = f", file={str(self.path)!r}, sha256={self.model_id[:12]}" if self.path else ", not saved"
+        return f"Model({self.detector.name}, threshold={_short(self.threshold)}{where})"
 
     @property
     def threshold(self) -> float | None:
@@ -117,7 +121,8 @@ class Model:
 
     def with_threshold(self, value: float) -> Model:
         """The same model deciding at another threshold (the file is not changed)."""
-        return Model(self.detector, {**self.extra, "threshold": {**(self.extra.get("threshold") or {}), "value": value}}, self.model_id, self.path)
+        chosen = Threshold(value, "set by hand in Python", 0, 0, "api").to_dict()
+        return Model(self.detector, {**self.extra, "threshold": chosen}, self.model_id, self.path)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model file (atomic; an existing file is refused unless ``overwrite``)."""
@@ -199,10 +204,34 @@ def load(path: str | Path, *, runtime: str | None = None) -> Model:
     return Model(load_detector(path), manifest.get("extra", {}), manifest["sha256"], path)
 
 
-def evaluate(data: str | Path, *, method: str = "patchcore", false_alarm_rate: float | None = DEFAULT_FALSE_ALARM_RATE, **options: Any) -> EvalResult:
-    """Fit on an MVTec-layout dataset's train/good, score its test split and return the
-    metric table (`.to_markdown()`, `.to_dataframe()`, `.overall`, `.threshold`)."""
-    return evaluate_method(method, data, config=options or None, false_alarm_rate=false_alarm_rate)
+def evaluate(
+    data: str | Path,
+    *,
+    method: str = "patchcore",
+    model: Model | None = None,
+    false_alarm_rate: float | None = DEFAULT_FALSE_ALARM_RATE,
+    report: str | Path | None = None,
+    keep_scores: bool = False,
+    **options: Any,
+) -> EvalResult:
+    """Fit ``method`` on an MVTec-layout dataset's train/good (the threshold at
+    ``false_alarm_rate`` from those images alone), or take a fitted ``model`` as it is,
+    score the test split and return the metric table (`.to_markdown()`, `.to_dataframe()`,
+    `.overall`, `.threshold`: the realized false-alarm rate and recall at the threshold).
+    ``report``: also write the HTML report there; ``keep_scores`` (implied by a report):
+    keep per-image scores for `.worst()`."""
+    keep = keep_scores or report is not None
+    if model is not None:
+        if options:
+            raise ConfigError("A fitted model brings its own options; leave them out (or pass method= and options to fit anew).")
+        recorded = model.extra.get("threshold")
+        fitted = Threshold(**recorded) if recorded and model.threshold is not None else True
+        result = evaluate_method(model.detector, data, fitted=fitted, keep_scores=keep)
+    else:
+        result = evaluate_method(method, data, config=options or None, false_alarm_rate=false_alarm_rate, keep_scores=keep)
+    if report is not None:
+        html_report(result, report)
+    return result
 
 
 __all__ = ["Model", "Result", "evaluate", "fit", "load"]

@@ -27,10 +27,10 @@ from defectscope.data.fewshot import sample_shots
 from defectscope.data.images import Geometry, Preprocess, crop_content
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
-from defectscope.errors import DataError
+from defectscope.errors import ConfigError, DataError
 from defectscope.metrics import image_metrics, misclassified, pixel_metrics
 from defectscope.scoring import Judge, score_samples
-from defectscope.thresholds import from_normal
+from defectscope.thresholds import Threshold, from_normal
 from defectscope.verdict import Verdict
 
 # tpr_at_fpr1/5: the share of defective images the best threshold catches while flagging at
@@ -93,6 +93,16 @@ class EvalResult:
         keep = ("method", "dataset", "rows", "cost", "config", "threshold")
         return json.dumps({k: getattr(self, k) for k in keep}, indent=2, default=float)
 
+    def worst(self, n: int = 4) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """(path, score) of the ``n`` good images scored highest (the worst false alarms)
+        and the ``n`` defective images scored lowest (the worst misses); needs the scores
+        (``keep_scores=True``, or a report)."""
+        if self.scored is None:
+            raise ConfigError("The per-image scores were not kept; evaluate with keep_scores=True (or a report).")
+        good, bad = worst_indices(self.scored, n)
+        pick = lambda idx: [(str(self.scored.records[i].path), float(self.scored.scores[i])) for i in idx]  # noqa: E731
+        return pick(good), pick(bad)
+
     def to_dataframe(self) -> Any:
         """The metric table as a pandas DataFrame, one row per defect type and "overall"."""
         import pandas as pd
@@ -123,6 +133,13 @@ class EvalResult:
         if self.threshold is not None:
             text += f"\n{operating_point(self.threshold)}\n"
         return text
+
+
+def worst_indices(scored: Scored, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the n highest-scored good images and the n lowest-scored defective ones."""
+    labels = scored.labels.astype(bool)
+    good, bad = np.nonzero(~labels)[0], np.nonzero(labels)[0]
+    return good[np.argsort(-scored.scores[good], kind="stable")][:n], bad[np.argsort(scored.scores[bad], kind="stable")][:n]
 
 
 def operating_point(t: dict[str, Any]) -> str:
@@ -226,11 +243,14 @@ def evaluate(
     false_alarm_rate: float | None = None,
     keep_scores: bool = False,
     metric_size: int | None = None,
+    fitted: Threshold | bool | None = None,
     progress: Progress | None = None,
 ) -> EvalResult:
     """Fit ``detector`` (a registered name or an instance) on the dataset's normal training
     images (or ``train``), score its test split, and tabulate metrics and costs.
 
+    ``fitted``: ``detector`` is already fitted (e.g. a loaded model file): nothing is fitted
+    again and the given Threshold (``True``: none) is the one measured at.
     ``false_alarm_rate``: also set the threshold a deployed model would use, from the
     training images alone (`Detector.fit_scored`, as `fit` does); its time is part of
     ``fit_s``. ``keep_scores``: keep per-image scores, maps and curves (for the report).
@@ -246,7 +266,9 @@ def evaluate(
     t0 = time.perf_counter()
     uses_images = det.needs_training_images or given
     threshold = None
-    if false_alarm_rate is not None and uses_images:
+    if fitted is not None:
+        threshold = fitted if isinstance(fitted, Threshold) else None
+    elif false_alarm_rate is not None and uses_images:
         normal = det.fit_scored(train, progress=progress)
         if normal is not None:
             threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from defectscope.charts import Axes, Series, histogram, line_chart
 from defectscope.data.images import load_image
-from defectscope.evaluate import COLUMNS, EvalResult, format_value, operating_point
+from defectscope.evaluate import COLUMNS, EvalResult, format_value, operating_point, worst_indices
 from defectscope.metrics import curve, curve_points
 from defectscope.verdict import decide
 
@@ -131,9 +131,8 @@ def html_report(result: EvalResult, path: str | Path, *, worst: int = 4) -> Path
         [Series(scored.scores[~labels], np.empty(0), "#2b8a3e", "good"), Series(scored.scores[labels], np.empty(0), "#c92a2a", "defective")],
         "Image scores", "score", lines=lines,
     ))
-    good, bad = np.nonzero(~labels)[0], np.nonzero(labels)[0]
-    false_alarms = good[np.argsort(-scored.scores[good], kind="stable")][:worst]
-    misses = bad[np.argsort(scored.scores[bad], kind="stable")][:worst]
+    good = np.nonzero(~labels)[0]
+    false_alarms, misses = worst_indices(scored, worst)
     normal_medians = [float(np.median(scored.maps[i])) for i in good] or [0.0]
     vmin = float(np.median(normal_medians))
     vmax = max(float(m.max()) for m in scored.maps)
