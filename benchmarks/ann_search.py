@@ -3,7 +3,7 @@
 On one dataset (default magnetic_tile), for coresets of 1% and 10%: PatchCore is fitted
 once (exact); the test images' patch features are computed once (backbone ms/image); then
 the same bank is searched with each index (flat = today's exact search, hnsw, ivfpq at
-their defaults, `defectscope.ann`). Per index: recall@1 of the test patches against exact
+their defaults, `defectscope.components.ann`). Per index: recall@1 of the test patches against exact
 search, image AUROC, pixel AUROC, AUPRO, scoring ms/image (search + image score + map, at
 batch 8, as `predict` runs), scoring/backbone ratio, index build seconds, and bytes per
 million bank rows (flat: the rows; hnsw: rows + graph; ivfpq: codes + lists, while the
@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectscope.ann import check_params
+from defectscope.components.ann import check_params
 from defectscope.data.datasets import batches, iter_samples, load_dataset
 from defectscope.data.images import crop_content
 from defectscope.detectors import make_detector
-from defectscope.evaluate import Scored, metric_rows
-from defectscope.features import flatten_patches
-from defectscope.memory import Index
+from defectscope.evaluation.evaluate import Scored, metric_rows
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import Index
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "magnetic_tile"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.detectors.anomalyclip import AnomalyCLIP
-from defectscope.prompt_learning import anomalyclip_loss
+from defectscope.detectors.anomalyclip_training import anomalyclip_loss
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:

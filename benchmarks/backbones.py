@@ -27,7 +27,7 @@ BACKBONES = (
 
 def run_one(dataset: str, backbone: str, options: dict) -> dict:
     from defectscope.detectors import make_detector
-    from defectscope.evaluate import evaluate
+    from defectscope.evaluation.evaluate import evaluate
 
     result = evaluate(make_detector("patchcore", backbone=backbone, **options), DATASETS / dataset, false_alarm_rate=0.01)
     row, t = result.overall, result.threshold or {}

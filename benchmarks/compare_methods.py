@@ -20,7 +20,7 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def run_one(method: str, dataset: str) -> dict:
-    from defectscope.evaluate import evaluate
+    from defectscope.evaluation.evaluate import evaluate
 
     result = evaluate(method, DATASETS / dataset)
     row = result.overall
@@ -30,7 +30,7 @@ def run_one(method: str, dataset: str) -> dict:
 def padim_761() -> dict:
     from defectscope.data.datasets import iter_samples, load_dataset
     from defectscope.detectors import make_detector
-    from defectscope.evaluate import peak_rss_mb, reset_peak_rss
+    from defectscope.evaluation.evaluate import peak_rss_mb, reset_peak_rss
 
     ds = load_dataset(DATASETS / "magnetic_tile")
     records = (ds.train + [r for r in ds.test if r.label == 0])[:761]

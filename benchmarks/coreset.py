@@ -11,7 +11,7 @@ rows measured on a seeded sample of 262,144 rows, a lower bound, said in the tab
   every centre reads every row), in the 152-d space and after a random projection to 128-d
   (PatchCore's default);
 - lazy cells: the default (`greedy_coreset`): the same greedy, centres applied lazily to
-  Voronoi cells of 4k rows (at most n / 4 cells), compiled (`defectscope.kcenter`; the
+  Voronoi cells of 4k rows (at most n / 4 cells), compiled (`defectscope.components.kcenter`; the
   first call in a process loads it from numba's cache, timed once before the table);
   up to 100k rows every implementation runs ``--repeats`` times and the median is shown;
 - anomalib: KCenterGreedy from anomalib (``--anomalib-python``, an interpreter with anomalib
@@ -35,8 +35,8 @@ import torch
 
 from defectscope.data.datasets import batches, iter_samples, load_dataset
 from defectscope.detectors import make_detector
-from defectscope.features import flatten_patches
-from defectscope.memory import covering_radius, greedy_coreset
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import covering_radius, greedy_coreset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bsdata"
 CACHE = Path(tempfile.gettempdir()) / "defectscope_bsdata_native_patches.pt"

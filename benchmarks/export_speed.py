@@ -1,7 +1,7 @@
 """Torch against its exported graphs (ONNX Runtime, OpenVINO) on the same real images.
 
 For each method (PatchCore, PaDiM, FastRecon) a model is fitted on the dataset's normal
-images and exported with `defectscope.export`; each runtime then scores the same test
+images and exported with `defectscope.modelfiles.export`; each runtime then scores the same test
 images (already decoded and resized: decoding is the same for all three) in batches of 8.
 Printed per method and runtime: ms/image end to end, ms/image of the backbone alone (a
 graph of the method's feature extraction, exported the same way) and the rest (scoring:
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from defectscope import pipeline
-from defectscope.artifacts import load_detector, save_detector
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors.base import make_detector
-from defectscope.export import export_model, trace_onnx
-from defectscope.runtimes import ExportedModel
+from defectscope.modelfiles.export import export_model, trace_onnx
+from defectscope.modelfiles.runtimes import ExportedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "magnetic_tile"

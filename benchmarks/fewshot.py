@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.data.datasets import load_dataset
-from defectscope.evaluate import evaluate_fewshot
+from defectscope.evaluation.evaluate import evaluate_fewshot
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -28,9 +28,9 @@ from scipy import ndimage
 from defectscope import pipeline
 from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset
 from defectscope.detectors.base import make_detector, training_options
-from defectscope.evaluate import score_records
-from defectscope.metrics import image_metrics
-from defectscope.scoring import Judge, score_samples
+from defectscope.evaluation.evaluate import score_records
+from defectscope.decision.metrics import image_metrics
+from defectscope.decision.scoring import Judge, score_samples
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 NAMES = ("magnetic_tile", "battery_weld", "bsdata")

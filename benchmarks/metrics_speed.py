@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from defectscope.metrics import aupro, auroc, pixel_metrics
+from defectscope.decision.metrics import aupro, auroc, pixel_metrics
 
 
 def main() -> None:

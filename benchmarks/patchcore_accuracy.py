@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from defectscope.evaluate import evaluate
+from defectscope.evaluation.evaluate import evaluate
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

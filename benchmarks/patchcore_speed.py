@@ -30,7 +30,7 @@ def run_setting(data: str, ratio: float) -> dict:
 
     from defectscope.data.datasets import batches, iter_samples, load_dataset
     from defectscope.detectors import make_detector
-    from defectscope.evaluate import peak_rss_mb
+    from defectscope.evaluation.evaluate import peak_rss_mb
 
     ds = load_dataset(data)
     det = make_detector("patchcore", coreset_ratio=ratio)
@@ -59,8 +59,8 @@ def coreset_comparison(data: str, anomalib_python: str | None) -> list[dict]:
 
     from defectscope.data.datasets import iter_samples, load_dataset
     from defectscope.detectors import make_detector
-    from defectscope.features import flatten_patches
-    from defectscope.memory import CELL_ROWS, covering_radius, greedy_coreset
+    from defectscope.components.features import flatten_patches
+    from defectscope.components.memory import CELL_ROWS, covering_radius, greedy_coreset
 
     ds = load_dataset(data)
     det = make_detector("patchcore")

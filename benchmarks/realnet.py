@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defectscope.artifacts import save_detector
+from defectscope.modelfiles.artifacts import save_detector
 from defectscope.detectors.base import make_detector
-from defectscope.diffusion import train_ddpm
-from defectscope.evaluate import evaluate
+from defectscope.components.diffusion import train_ddpm
+from defectscope.evaluation.evaluate import evaluate
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -33,7 +33,7 @@ def ddpm_for(name: str, folder: Path, steps: int) -> tuple[Path, str]:
     """(the dataset's DDPM file, its training minutes as text), training it when missing."""
     path = folder / f"{name}.dscope"
     if path.exists():
-        from defectscope.diffusion import DDPM
+        from defectscope.components.diffusion import DDPM
 
         seconds = DDPM.load(path).manifest["training"]["train_seconds"]
         return path, f"{seconds / 60:.1f}"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from defectscope.detectors.base import make_detector
-from defectscope.evaluate import evaluate
+from defectscope.evaluation.evaluate import evaluate
 from defectscope.synthesis.split import make_synthetic_split
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -35,7 +35,7 @@ def rss_mb(pid: int) -> float:
 
 def fit_model(folder: Path) -> Path:
     from defectscope import pipeline
-    from defectscope.artifacts import save_detector
+    from defectscope.modelfiles.artifacts import save_detector
     from defectscope.data.datasets import load_dataset
     from defectscope.detectors import make_detector
 
@@ -97,9 +97,9 @@ def cli_predict(model: Path, images: list[Path], out: Path) -> float:
 
 def library_predict(model: Path, images: list[Path], out: Path) -> float:
     """images/s of the same run in-process, model already loaded (what the CLI does after start-up)."""
-    from defectscope.artifacts import load_detector, read_manifest
+    from defectscope.modelfiles.artifacts import load_detector, read_manifest
     from defectscope.engines.local import predict_folder
-    from defectscope.scoring import Judge
+    from defectscope.decision.scoring import Judge
 
     detector, extra = load_detector(model), read_manifest(model)["extra"]
     t0 = time.perf_counter()

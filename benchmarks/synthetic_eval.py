@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from defectscope.evaluate import evaluate
+from defectscope.evaluation.evaluate import evaluate
 from defectscope.synthesis.split import make_synthetic_split
 
 SOURCE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"

@@ -30,9 +30,9 @@ def calibration(dataset: str, scheme: str, rates: tuple[float, ...], folds: int 
     """Rows per stated rate, the fit time (s) and the threshold-free operating points."""
     from defectscope.data.datasets import load_dataset
     from defectscope.detectors.base import make_detector
-    from defectscope.evaluate import score_records
-    from defectscope.metrics import tpr_at_fpr
-    from defectscope.thresholds import from_normal
+    from defectscope.evaluation.evaluate import score_records
+    from defectscope.decision.metrics import tpr_at_fpr
+    from defectscope.decision.thresholds import from_normal
 
     ds = load_dataset(DATASETS / dataset)
     det = make_detector("patchcore", normal_scores=scheme)

@@ -26,7 +26,7 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 def run_one(data: str, scale: float | None, tile: int | None, metric_size: int, proj_dim: int | None, seed: int) -> dict:
     from defectscope.detectors import make_detector
-    from defectscope.evaluate import evaluate
+    from defectscope.evaluation.evaluate import evaluate
 
     pre = {} if tile is None else {"tile": tile, "scale": scale}
     det = make_detector("patchcore", preprocess=pre, proj_dim=proj_dim, seed=seed)

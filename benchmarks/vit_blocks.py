@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from defectscope.backbones.vit import DEPTH, PATCH, ViTBackbone
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.images import Preprocess
-from defectscope.metrics import auroc
+from defectscope.decision.metrics import auroc
 from defectscope.synthesis import synthesize
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -18,7 +18,7 @@ from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
 from defectscope.detectors import make_detector
 from defectscope.detectors.base import fewshot_options
-from defectscope.evaluate import evaluate, peak_rss_mb, reset_peak_rss
+from defectscope.evaluation.evaluate import evaluate, peak_rss_mb, reset_peak_rss
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from defectscope.ann import AnnIndex
-from defectscope.artifacts import load_detector, save_detector
+from defectscope.components.ann import AnnIndex
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
-from defectscope.evaluate import score_records
-from defectscope.memory import Index
+from defectscope.evaluation.evaluate import score_records
+from defectscope.components.memory import Index
 
 
 @pytest.fixture(scope="module")

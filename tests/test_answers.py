@@ -14,14 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from defectscope import pipeline
-from defectscope.answers import LocalSmolLM2, OpenAIEndpoint, answer, ask, contradiction, rule_answer
-from defectscope.artifacts import save_detector
+from defectscope.decision.answers import LocalSmolLM2, OpenAIEndpoint, answer, ask, contradiction, rule_answer
+from defectscope.modelfiles.artifacts import save_detector
 from defectscope.cli import app
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
-from defectscope.explain import Finding, Region, make_finding
-from defectscope.scoring import Judge
+from defectscope.decision.explain import Finding, Region, make_finding
+from defectscope.decision.scoring import Judge
 
 CELLS = {"top left": (0.08, 0.08), "bottom right": (0.75, 0.75), "middle right": (0.42, 0.75)}  # (row, col) of the patch corner
 
@@ -175,7 +175,7 @@ def test_cli_ask_with_missing_model_weights_answers_by_rules_and_says_why(weld, 
 
 
 def test_elongation_tells_a_line_from_a_blob() -> None:
-    from defectscope.explain import find_regions
+    from defectscope.decision.explain import find_regions
 
     amap = np.zeros((60, 60), np.float32)
     amap[10, 5:45] = 1.0  # a one-pixel crack

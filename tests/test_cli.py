@@ -101,7 +101,7 @@ def test_add_normals_writes_a_new_model_and_keeps_the_old(small_mvtec: Path, tmp
     code, out = run("add-normals", str(model), str(small_mvtec / "test/good"), "-o", str(new))
     assert code == 0 and "added_patches" in out, out
     assert model.read_bytes() == before and new.is_file()
-    from defectscope.artifacts import read_manifest
+    from defectscope.modelfiles.artifacts import read_manifest
 
     extra = read_manifest(new)["extra"]
     assert extra["parent"] == read_manifest(model)["sha256"][:12] and extra["threshold"] == read_manifest(model)["extra"]["threshold"]

@@ -12,15 +12,15 @@ import torch
 from typer.testing import CliRunner
 
 from defectscope import pipeline
-from defectscope.scoring import score_samples
-from defectscope.artifacts import load_detector, read_manifest, save_detector
+from defectscope.decision.scoring import score_samples
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.cli import app
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import image_size
 from defectscope.detectors.base import make_detector
 from defectscope.errors import ConfigError, DataError, ModelFileError
-from defectscope.export import export_model
-from defectscope.runtimes import ExportedModel
+from defectscope.modelfiles.export import export_model
+from defectscope.modelfiles.runtimes import ExportedModel
 
 runner = CliRunner()
 TRAIN, TEST = 10, 12

@@ -14,7 +14,7 @@ from defectscope.data.fewshot import sample_shots
 from defectscope.detectors import make_detector
 from defectscope.detectors.base import training_options
 from defectscope.errors import ConfigError
-from defectscope.evaluate import evaluate, evaluate_fewshot
+from defectscope.evaluation.evaluate import evaluate, evaluate_fewshot
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from helpers import seeded_subset
 
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
-from defectscope.evaluate import evaluate
+from defectscope.evaluation.evaluate import evaluate
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from playwright.sync_api import expect, sync_playwright
 from test_report import CHROMIUM_FLAGS, chromium
 
 from defectscope import pipeline
-from defectscope.artifacts import save_detector
+from defectscope.modelfiles.artifacts import save_detector
 from defectscope.data.datasets import load_dataset
 from defectscope.detectors import make_detector
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from defectscope import pipeline
-from defectscope.artifacts import read_manifest, save_detector
+from defectscope.modelfiles.artifacts import read_manifest, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors.base import make_detector
 from defectscope.errors import ConfigError
-from defectscope.evaluate import score_records
-from defectscope.thresholds import from_normal
+from defectscope.evaluation.evaluate import score_records
+from defectscope.decision.thresholds import from_normal
 
 
 def _scores_without(method: str, records: list, i: int, **options) -> float:

@@ -12,15 +12,15 @@ import torch
 from helpers import paste_defect
 
 from defectscope import pipeline
-from defectscope.scoring import score_samples
-from defectscope.artifacts import load_detector, save_detector
+from defectscope.decision.scoring import score_samples
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import Dataset, iter_samples, load_dataset
 from defectscope.data.images import Preprocess
 from defectscope.data.tiles import boxes, starts, stitch, training_samples
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError, DataError
-from defectscope.export import export_model
-from defectscope.runtimes import ExportedModel
+from defectscope.modelfiles.export import export_model
+from defectscope.modelfiles.runtimes import ExportedModel
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(1130, 256, 0.25), (460, 256, 0.5), (257, 256, 0.0), (200, 256, 0.25), (544, 224, 0.25)])

@@ -11,14 +11,14 @@ from helpers import defect_crop, paste_defect
 from PIL import Image
 from vit_reference import block_outputs
 
-from defectscope.artifacts import load_detector, save_detector
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.backbones.vit import ViTBackbone
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
 from defectscope.detectors import make_detector
 from defectscope.detectors.anomalydino import rotate
 from defectscope.errors import WeightsError
-from defectscope.evaluate import score_records
+from defectscope.evaluation.evaluate import score_records
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from defectscope.api import Model, Result, evaluate, fit, load  # noqa: E402
-from defectscope.artifacts import load_detector, save_detector  # noqa: E402
+from defectscope.modelfiles.artifacts import load_detector, save_detector  # noqa: E402
 from defectscope.detectors import Detector, Prediction, make_detector  # noqa: E402
 
 __all__ = [

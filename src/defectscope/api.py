@@ -25,21 +25,21 @@ import numpy as np
 from PIL import Image
 
 from defectscope import pipeline
-from defectscope.answers import Answer, answer
-from defectscope.artifacts import load_detector, read_manifest, save_detector
+from defectscope.decision.answers import Answer, answer
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, Sample, load_sample, training_records
 from defectscope.data.images import image_array, load_image
 from defectscope.detectors import make_detector
 from defectscope.detectors.base import Detector, Progress
 from defectscope.engines.local import RunSummary, predict_folder
 from defectscope.errors import ConfigError, DataError
-from defectscope.evaluate import EvalResult
-from defectscope.evaluate import evaluate as evaluate_method
-from defectscope.explain import Finding, make_finding
-from defectscope.report import html_report, overlay
-from defectscope.runtimes import ExportedModel, is_exported
-from defectscope.scoring import Judge, score_samples
-from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold
+from defectscope.evaluation.evaluate import EvalResult
+from defectscope.evaluation.evaluate import evaluate as evaluate_method
+from defectscope.decision.explain import Finding, make_finding
+from defectscope.evaluation.report import html_report, overlay
+from defectscope.modelfiles.runtimes import ExportedModel, is_exported
+from defectscope.decision.scoring import Judge, score_samples
+from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold
 
 ImageLike = str | Path | Image.Image | np.ndarray
 

@@ -17,20 +17,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from defectscope import pipeline
-from defectscope.artifacts import load_detector, read_manifest, save_detector
-from defectscope.charts import loss_curve_png
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
+from defectscope.components.charts import loss_curve_png
 from defectscope.data.datasets import Record, load_dataset, training_records
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import make_detector, method_class, training_options
 from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
-from defectscope.evaluate import evaluate as run_evaluate
-from defectscope.evaluate import evaluate_fewshot
-from defectscope.export import export_model
-from defectscope.report import html_report
-from defectscope.runtimes import ExportedModel, is_exported
-from defectscope.scoring import Judge
-from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
+from defectscope.evaluation.evaluate import evaluate as run_evaluate
+from defectscope.evaluation.evaluate import evaluate_fewshot
+from defectscope.modelfiles.export import export_model
+from defectscope.evaluation.report import html_report
+from defectscope.modelfiles.runtimes import ExportedModel, is_exported
+from defectscope.decision.scoring import Judge
+from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line
@@ -327,9 +327,9 @@ def ask(
     """Answer a question about one image in words, from the model's anomaly map only."""
 
     def job() -> None:
-        from defectscope.answers import ask as ask_image
-        from defectscope.answers import language_model
-        from defectscope.defect_types import DefectTypes
+        from defectscope.decision.answers import ask as ask_image
+        from defectscope.decision.answers import language_model
+        from defectscope.decision.defect_types import DefectTypes
 
         detector, extra, _ = _load_model(model, None)
         judge = Judge.of(extra, str(model))
@@ -445,7 +445,7 @@ def train_prompts(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing prompts file.")] = False,
 ) -> None:
     """AnomalyCLIP: learn object-agnostic prompts on images with masks (CLIP stays frozen)."""
-    from defectscope.prompt_learning import train_prompts as run
+    from defectscope.detectors.anomalyclip_training import train_prompts as run
 
     def job() -> None:
         config = {k: v for k, v in _config(0, None, options).items() if k != "preprocess"}
@@ -477,7 +477,7 @@ def train_ddpm(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """SDAS: train a small diffusion model (DDPM) on normal images, for `synth --kinds sdas,normal` and RealNet."""
-    from defectscope.diffusion import train_ddpm as run
+    from defectscope.components.diffusion import train_ddpm as run
 
     def job() -> None:
         with _progress() as report:

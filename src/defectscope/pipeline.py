@@ -31,10 +31,10 @@ from defectscope.data.images import IMAGE_SUFFIXES
 from defectscope.data.tiles import training_samples
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import ConfigError, DataError
-from defectscope.evaluate import score_records
-from defectscope.gate import Gate, learn_frames
-from defectscope.scoring import Judge
-from defectscope.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold, choose, from_normal
+from defectscope.evaluation.evaluate import score_records
+from defectscope.decision.gate import Gate, learn_frames
+from defectscope.decision.scoring import Judge
+from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold, choose, from_normal
 
 log = logging.getLogger("defectscope")
 MIN_HOLDOUT = 10  # below this many training images, none are held out for the threshold

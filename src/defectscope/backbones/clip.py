@@ -35,7 +35,7 @@ from torch import nn
 
 from defectscope.backbones.vit import IMAGENET_MEAN, IMAGENET_STD, get_vit
 from defectscope.errors import WeightsError
-from defectscope.tensorfile import content_hash
+from defectscope.data.tensorfile import content_hash
 
 RANDOM_SEED = 0  # "random" weights (tests, timing) are seeded: the same in every process
 

@@ -12,7 +12,7 @@ projection; the global embedding f is CLIP's own. With tau = 0.07:
     anomaly map   M = G_sigma * sum_l Up( softmax([<p_l, g_n>, <p_l, g_a>] / tau)_a )
 
 (the official map (P_a + 1 - P_n) / 2 equals P_a, as P_n + P_a = 1). The prompts are learned
-by `defectscope.prompt_learning` on auxiliary images with masks and stored in a prompts file
+by `defectscope.detectors.anomalyclip_training` on auxiliary images with masks and stored in a prompts file
 (format ``defectscope-prompts``) that holds only the learned tensors, the CLIP model's name
 and the CLIP weights' hash: loading it with other weights is refused.
 """
@@ -40,7 +40,7 @@ from defectscope.detectors.base import (
     square_input,
 )
 from defectscope.errors import ConfigError, ModelFileError
-from defectscope.tensorfile import NOUNS, read_tensors, write_tensors
+from defectscope.data.tensorfile import NOUNS, read_tensors, write_tensors
 
 TEMPERATURE = 0.07
 PROMPTS_FORMAT = "defectscope-prompts"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import default_stages, get_backbone
+from defectscope.components.progress import Progress
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.data.images import Preprocess
 from defectscope.data.tiles import Box, boxes, cut, stitch, training_samples
@@ -27,7 +28,6 @@ from defectscope.errors import ConfigError
 
 log = logging.getLogger("defectscope")
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total; 0 = unknown)
 
 
 @dataclass
@@ -193,7 +193,7 @@ class Detector(ABC):
 
     def export_graph(self) -> nn.Module:
         """This fitted model as a module: images N x 3 x H x W in [0, 1] -> (scores N, maps
-        N x H x W), made of the method's own scoring code, for `defectscope.export`."""
+        N x H x W), made of the method's own scoring code, for `defectscope.modelfiles.export`."""
         raise ConfigError(f"{self.name} models cannot be exported: {self.export_refusal}.")
 
 

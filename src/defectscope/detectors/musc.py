@@ -28,7 +28,7 @@ import torch
 from defectscope.data.datasets import Sample
 from defectscope.detectors.base import CNNDetector, Prediction, Progress, patch_scores_to_maps, register
 from defectscope.errors import ConfigError
-from defectscope.features import fuse_stages, local_aggregate
+from defectscope.components.features import fuse_stages, local_aggregate
 
 
 @register

@@ -30,7 +30,7 @@ from defectscope.detectors.base import (
     register,
 )
 from defectscope.errors import ConfigError, DataError
-from defectscope.features import fuse_stages
+from defectscope.components.features import fuse_stages
 
 
 @register

@@ -11,7 +11,7 @@ bank entry and N_b(m*) the b nearest bank entries of m*:
 ``image_score="max"`` is the reference code's plain maximum of the patch scores.
 
 ``index``: "flat" (exact search, the default) or an approximate faiss index ("hnsw",
-"ivfpq"; `defectscope.ann`) built at fit time over the coreset and saved in the model
+"ivfpq"; `defectscope.components.ann`) built at fit time over the coreset and saved in the model
 file, with ``index_params`` (e.g. ``{"ef_search": 64}``). The leave-one-image-out normal
 scores behind the threshold are always exact (see benchmarks/ann_search.py for how close
 approximate search comes).
@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
-from defectscope.ann import AnnIndex, check_params
+from defectscope.components.ann import AnnIndex, check_params
 from defectscope.data.datasets import Record, Sample, batches
 from defectscope.data.tiles import boxes, training_samples
 from defectscope.detectors.base import (
@@ -43,8 +43,8 @@ from defectscope.detectors.base import (
     register,
 )
 from defectscope.errors import ConfigError
-from defectscope.features import flatten_patches, patch_features
-from defectscope.memory import Index, covering_radius, greedy_coreset
+from defectscope.components.features import flatten_patches, patch_features
+from defectscope.components.memory import Index, covering_radius, greedy_coreset
 
 RADIUS_SAMPLE = 16384  # training patches on which the coreset's covering radius is measured
 # How the training images' own scores (behind the threshold) are made with a coreset:

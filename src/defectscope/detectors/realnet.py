@@ -3,7 +3,7 @@
 Frozen backbone stages l (default: EfficientNet-Lite0 stages 1-4, strides 4-32, as the
 paper's WideResNet-50 layers 1-4). Training items are the normal images I and, with
 probability 1/2 (the official mix), a copy A with a synthetic anomaly of exact mask M:
-SDAS (perturbed diffusion samples, `defectscope.diffusion`), Perlin-masked noise or
+SDAS (perturbed diffusion samples, `defectscope.components.diffusion`), Perlin-masked noise or
 texture (DRAEM-style), CutPaste, or a mix of them.
 
 - AFS (anomaly-aware feature selection): per stage and channel c, the residual
@@ -279,7 +279,7 @@ class RealNet(CNNDetector):
         """Anomaly sources the kinds need: perturbed diffusion samples, texture images."""
         out: dict[str, list[np.ndarray]] = {"generated": [], "textures": []}
         if "sdas" in self.kinds:
-            from defectscope.diffusion import DDPM
+            from defectscope.components.diffusion import DDPM
 
             ddpm = DDPM.load(self.ddpm)
             rng = np.random.default_rng(self.seed)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.detectors.base import CNNDetector, NormalScores, Prediction, Progress, gaussian_blur, register
 from defectscope.errors import ConfigError
-from defectscope.features import flatten_patches
-from defectscope.memory import knn
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import knn
 
 
 @register

@@ -32,8 +32,8 @@ from defectscope.data.images import load_image
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import DataError
 from defectscope.pipeline import output_names
-from defectscope.report import save_overlay
-from defectscope.scoring import Judge, score_samples
+from defectscope.evaluation.report import save_overlay
+from defectscope.decision.scoring import Judge, score_samples
 
 FIELDS = ("path", "score", "verdict", "reason")
 

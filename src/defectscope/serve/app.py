@@ -28,9 +28,9 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from defectscope import __version__
-from defectscope.answers import answer
+from defectscope.decision.answers import answer
 from defectscope.errors import ConfigError, DefectscopeError
-from defectscope.explain import stored_finding
+from defectscope.decision.explain import stored_finding
 from defectscope.serve.access import COOKIE, Access, Role, needed_role, same_origin, token_in_url
 from defectscope.serve.limits import MB, BodyLimit, RateLimit, reply
 from defectscope.serve.station import MAX_UPLOAD_BYTES, Station, UploadError

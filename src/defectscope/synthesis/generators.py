@@ -5,7 +5,7 @@ follows DRAEM / RealNet: A = (1 - M) * I + (1 - delta) * (M * I) + delta * (M * 
 opacity delta and source P: another region of the same image (CutPaste and its scar
 variant), a texture image, a colour or noise patch, or, for ``poisson``, another normal
 image cloned in seamlessly (NSA), or, for ``sdas``, a sample of a diffusion model of the
-normal images drawn with a perturbed reverse process (RealNet's SDAS, `defectscope.diffusion`),
+normal images drawn with a perturbed reverse process (RealNet's SDAS, `defectscope.components.diffusion`),
 placed through a Perlin mask with opacity in [0.5, 1] as the official code does. The returned mask is computed from the written pixels,
 so it is exact after quantisation to uint8.
 """

@@ -5,7 +5,7 @@ on), the other half is the pool for ``test/good`` (untouched copies) and for the
 the synthetic defects in ``test/<kind>/`` with exact masks in ``ground_truth/<kind>/``.
 So a detector fitted on ``train/good`` never saw the images it is tested on.
 
-With a diffusion model (``ddpm``, `defectscope.diffusion`), kind ``sdas`` blends its
+With a diffusion model (``ddpm``, `defectscope.components.diffusion`), kind ``sdas`` blends its
 samples drawn at ``strength`` into the pool images (RealNet's SDAS), and kind ``normal``
 writes ``n`` plain samples (s = 0) to ``generated/good/``, at the model's own size: extra
 normal images, kept apart from the real ones so nobody fits on them unknowingly.
@@ -23,10 +23,10 @@ from PIL import Image
 
 from defectscope.data.datasets import load_folder, training_records
 from defectscope.data.images import load_image_uint8
-from defectscope.detectors.base import Progress
-from defectscope.diffusion import DDPM
+from defectscope.components.progress import Progress
+from defectscope.components.diffusion import DDPM
 from defectscope.errors import ConfigError, DataError
-from defectscope.report import contact_sheet
+from defectscope.components.charts import contact_sheet
 from defectscope.synthesis.generators import KINDS, synthesize
 from defectscope.synthesis.masks import otsu_foreground
 

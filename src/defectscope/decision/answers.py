@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Protocol
 
 from defectscope.data.datasets import Record, load_sample
-from defectscope.defect_types import UNKNOWN, DefectTypes
+from defectscope.decision.defect_types import UNKNOWN, DefectTypes
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError
-from defectscope.explain import COLS, ROWS, Finding, Region, make_finding
-from defectscope.scoring import Judge, score_samples
+from defectscope.decision.explain import COLS, ROWS, Finding, Region, make_finding
+from defectscope.decision.scoring import Judge, score_samples
 
 POSITIONS = [f"{r} {c}" for r in ROWS for c in COLS if (r, c) != ("middle", "centre")] + ["centre"]
 LINE_LIKE = 3.0  # elongation above which a region is described as a line

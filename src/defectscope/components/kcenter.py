@@ -2,7 +2,7 @@
 
 The greedy (Gonzalez's farthest-first traversal, PatchCore Sec. 3.2) repeatedly adds the
 row farthest from the chosen centres. Done plainly it reads all N rows per centre. Here
-the rows are grouped into cells (`defectscope.memory.greedy_coreset` makes them), each row
+the rows are grouped into cells (`defectscope.components.memory.greedy_coreset` makes them), each row
 keeps an *upper bound* on its squared distance to the chosen set (its distance to the
 centres applied to its cell so far), and each cell knows its row with the largest bound:
 

@@ -1,7 +1,8 @@
-"""Small inline SVG charts (line plots and histograms) for self-contained HTML reports.
+"""Small inline SVG charts (line plots and histograms) for self-contained HTML reports,
+loss-curve PNGs for training runs, and contact sheets of image grids.
 
-No plotting library: a report must open anywhere, offline, as one file, and these two
-chart types are all it needs.
+No plotting library: a report must open anywhere, offline, as one file, and these chart
+types are all it needs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 WIDTH, HEIGHT = 380, 280
 MARGIN = {"left": 48, "right": 12, "top": 44, "bottom": 40}
@@ -156,4 +158,27 @@ def loss_curve_png(losses: list[float], path: str | Path, title: str) -> Path:
     draw.text((4, bottom - 12), f"{lo:.3g}", fill="black")
     path = Path(path)
     img.save(path)
+    return path
+
+
+def _thumb(arr: np.ndarray, cell: int) -> Image.Image:
+    img = Image.fromarray(arr if arr.dtype == np.uint8 else (arr.astype(np.uint8) * 255)).convert("RGB")
+    img.thumbnail((cell, cell))
+    return img
+
+
+def contact_sheet(rows: list[list[np.ndarray]], path: Path, *, cell: int = 160, labels: list[str] | None = None) -> Path:
+    """A grid of images (uint8 arrays or bool masks), one list per row, saved as PNG."""
+    cols = max(len(r) for r in rows)
+    pad, label_h = 4, 14 if labels else 0
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + pad + label_h) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        y = pad + r * (cell + pad + label_h)
+        if labels:
+            draw.text((pad, y), labels[r], fill=(0, 0, 0))
+        for c, arr in enumerate(row):
+            sheet.paste(_thumb(arr, cell), (pad + c * (cell + pad), y + label_h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
     return path

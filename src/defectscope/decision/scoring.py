@@ -21,8 +21,8 @@ import torch
 from defectscope.data.datasets import Sample
 from defectscope.data.images import to_original
 from defectscope.detectors.base import Detector
-from defectscope.gate import Gate
-from defectscope.verdict import Verdict, check_threshold, decide
+from defectscope.decision.gate import Gate
+from defectscope.decision.verdict import Verdict, check_threshold, decide
 
 
 @dataclass(frozen=True)

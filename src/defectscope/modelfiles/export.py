@@ -11,7 +11,7 @@ another shape is refused by the runner (a line in errors.csv), never silently re
 What the runtime needs besides the graph travels in the file's metadata (ONNX
 ``metadata_props`` / OpenVINO ``rt_info``, key ``defectscope``): method, preprocessing,
 threshold and heatmap range, the source model's content hash, and a SHA-256 of the graph
-itself so that a modified file is refused (`defectscope.runtimes`).
+itself so that a modified file is refused (`defectscope.modelfiles.runtimes`).
 
 OpenVINO files are converted from the ONNX graph and saved with float32 weights
 (``compress_to_fp16=False``; OpenVINO's default would halve them and move scores).
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from defectscope import __version__
-from defectscope.artifacts import load_detector, read_manifest
+from defectscope.modelfiles.artifacts import load_detector, read_manifest
 from defectscope.data.images import MIN_SIDE, Preprocess, image_size
 from defectscope.errors import ConfigError, ModelFileError
 

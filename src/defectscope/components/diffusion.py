@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from defectscope import __version__
-from defectscope.charts import loss_curve_png
+from defectscope.components.charts import loss_curve_png
 from defectscope.data.datasets import SkipLog, iter_samples, training_records
 from defectscope.data.images import Preprocess
-from defectscope.detectors.base import Progress
+from defectscope.components.progress import Progress
 from defectscope.errors import ConfigError, DataError
-from defectscope.report import contact_sheet
-from defectscope.tensorfile import NOUNS, read_tensors, write_tensors
+from defectscope.components.charts import contact_sheet
+from defectscope.data.tensorfile import NOUNS, read_tensors, write_tensors
 
 log = logging.getLogger("defectscope")
 

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from defectscope.errors import ConfigError
-from defectscope.metrics import f1_max
-from defectscope.verdict import check_threshold
+from defectscope.decision.metrics import f1_max
+from defectscope.decision.verdict import check_threshold
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 

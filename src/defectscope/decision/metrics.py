@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from defectscope.verdict import flagged
+from defectscope.decision.verdict import flagged
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from defectscope.data.datasets import Record, Sample, load_sample
 from defectscope.data.images import IMAGE_SUFFIXES, Preprocess
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError
-from defectscope.explain import Finding, region_level
-from defectscope.features import fuse_stages
-from defectscope.scoring import score_samples
+from defectscope.decision.explain import Finding, region_level
+from defectscope.components.features import fuse_stages
+from defectscope.decision.scoring import score_samples
 
 log = logging.getLogger("defectscope")
 UNKNOWN = "unknown"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from defectscope.verdict import decide
+from defectscope.decision.verdict import decide
 
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 

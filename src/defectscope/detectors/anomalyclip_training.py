@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectscope.charts import loss_curve_png
+from defectscope.components.charts import loss_curve_png
 from defectscope.data.datasets import Record, Sample, SkipLog, iter_samples, load_dataset
 from defectscope.detectors.anomalyclip import TEMPERATURE, UNTRAINED, AnomalyCLIP, write_prompts
 from defectscope.detectors.base import Progress

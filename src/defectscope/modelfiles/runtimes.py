@@ -1,4 +1,4 @@
-"""Scoring with an exported graph (`defectscope.export`) in ONNX Runtime or OpenVINO.
+"""Scoring with an exported graph (`defectscope.modelfiles.export`) in ONNX Runtime or OpenVINO.
 
 An `ExportedModel` stands where a fitted detector stands: it has the model's
 preprocessing and a ``predict`` that returns a `Prediction`, so `scoring.score_samples`,
@@ -26,8 +26,8 @@ from defectscope.data.datasets import Sample
 from defectscope.data.images import Geometry, Preprocess
 from defectscope.detectors.base import Detector, Prediction, Progress
 from defectscope.errors import ConfigError, DataError, ModelFileError
-from defectscope.export import FORMAT, FORMAT_VERSION, META_KEY, file_hash, onnx_graph_hash
-from defectscope.tensorfile import check_format
+from defectscope.modelfiles.export import FORMAT, FORMAT_VERSION, META_KEY, file_hash, onnx_graph_hash
+from defectscope.data.tensorfile import check_format
 
 RUNTIMES = {".onnx": "onnxruntime", ".xml": "openvino"}
 

@@ -14,7 +14,7 @@ from typing import Any
 from defectscope import __version__
 from defectscope.detectors.base import REGISTRY, Detector
 from defectscope.errors import ModelFileError
-from defectscope.tensorfile import NOUNS, manifest_of, read_tensors, write_tensors
+from defectscope.data.tensorfile import NOUNS, manifest_of, read_tensors, write_tensors
 
 FORMAT = "defectscope-model"
 FORMAT_VERSION = 1

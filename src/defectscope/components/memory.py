@@ -72,7 +72,7 @@ def _knn_torch(
 
     |a|^2, constant along a row, is added to the k survivors only, which saves two passes
     over every tile and gives the same floats (adding a constant keeps the order). Inside
-    an exported graph (`defectscope.export`) the batch size is symbolic, so the whole query
+    an exported graph (`defectscope.modelfiles.export`) the batch size is symbolic, so the whole query
     is one block and only the bank is tiled (the same products, unrolled in the graph)."""
     bank_chunk = max(k, min(bank.shape[0], 1024, max_elems))
     if torch.compiler.is_exporting():
@@ -204,13 +204,13 @@ def greedy_coreset(
     Plain greedy reads all N rows per centre: hours for millions of patches. Here the rows
     are split into cells of about ``cell_rows`` rows (`_partition`; at most n / 4 cells; one
     cell when ``cell_rows`` is None) and the compiled loop in
-    `defectscope.kcenter` applies centres to cells lazily, checking the farthest bound
+    `defectscope.components.kcenter` applies centres to cells lazily, checking the farthest bound
     before taking it: the plain greedy's choices from the same first row, with a fraction
     of the reads. ``neighbours``: cells a new centre updates at once. Memory: one float32
     copy of the (projected) rows, sorted by cell; no N x N matrix. benchmarks/coreset.py
     measures time and covering radius against exact greedy and anomalib's KCenterGreedy.
     """
-    from defectscope import kcenter  # numba compiles (or loads its cache) on first use
+    from defectscope.components import kcenter  # numba compiles (or loads its cache) on first use
 
     total = features.shape[0]
     if n >= total:

@@ -8,13 +8,13 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from defectscope.charts import Axes, Series, histogram, line_chart
+from defectscope.components.charts import Axes, Series, histogram, line_chart
 from defectscope.data.images import load_image
-from defectscope.evaluate import COLUMNS, EvalResult, format_value, operating_point, worst_indices
-from defectscope.metrics import curve, curve_points
-from defectscope.verdict import decide
+from defectscope.evaluation.evaluate import COLUMNS, EvalResult, format_value, operating_point, worst_indices
+from defectscope.decision.metrics import curve, curve_points
+from defectscope.decision.verdict import decide
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -42,29 +42,6 @@ def save_overlay(path: Path, image: np.ndarray, anomaly_map: np.ndarray, *, vmin
     sheet = Image.new("RGB", (left.width * 2 + 4, left.height), (255, 255, 255))
     sheet.paste(left, (0, 0))
     sheet.paste(right, (left.width + 4, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
-
-
-def _thumb(arr: np.ndarray, cell: int) -> Image.Image:
-    img = Image.fromarray(arr if arr.dtype == np.uint8 else (arr.astype(np.uint8) * 255)).convert("RGB")
-    img.thumbnail((cell, cell))
-    return img
-
-
-def contact_sheet(rows: list[list[np.ndarray]], path: Path, *, cell: int = 160, labels: list[str] | None = None) -> Path:
-    """A grid of images (uint8 arrays or bool masks), one list per row, saved as PNG."""
-    cols = max(len(r) for r in rows)
-    pad, label_h = 4, 14 if labels else 0
-    sheet = Image.new("RGB", (cols * (cell + pad) + pad, len(rows) * (cell + pad + label_h) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, row in enumerate(rows):
-        y = pad + r * (cell + pad + label_h)
-        if labels:
-            draw.text((pad, y), labels[r], fill=(0, 0, 0))
-        for c, arr in enumerate(row):
-            sheet.paste(_thumb(arr, cell), (pad + c * (cell + pad), y + label_h))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path

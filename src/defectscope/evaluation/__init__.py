@@ -1,0 +1,1 @@
+"""Measuring a method on a dataset: the evaluation protocols and the HTML report."""

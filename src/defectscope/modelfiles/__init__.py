@@ -1,0 +1,1 @@
+"""Model files and exported graphs: saving and loading detectors, export to ONNX/OpenVINO, running exported graphs."""
