@@ -10,7 +10,10 @@ is their (1 - rate) quantile (`thresholds.from_normal`). The test split only mea
 the false-alarm count on test/good, recall on the defective images, and beside them the
 threshold-free TPR at FPR 1% / 5% from the test ROC. Fit s includes the normal scores.
 
-    python benchmarks/thresholds.py [--datasets magnetic_tile,bsdata] [--schemes cross-fit,leave-one-out]
+    python benchmarks/thresholds.py [--datasets magnetic_tile,bsdata] [--schemes cross-fit,leave-one-out] [--plot docs/assets]
+
+``--plot DIR``: per dataset, stated against realized rate (one line per scheme, the default
+scheme's 95% interval dashed) as DIR/calibration_<dataset>.svg, for the docs.
 """
 
 from __future__ import annotations
@@ -60,13 +63,16 @@ def main() -> None:
     ap.add_argument("--schemes", default="cross-fit,leave-one-out")
     ap.add_argument("--rates", default=",".join(str(r) for r in RATES))
     ap.add_argument("--folds", type=int, default=10, help="cross-fitting folds (what `fit` uses: 10)")
+    ap.add_argument("--plot", type=Path, help="folder for the calibration plots (SVG)")
     args = ap.parse_args()
     rates = tuple(float(r) for r in args.rates.split(","))
     print("| dataset | normal scores | stated rate | threshold | false alarms on test/good | realized rate | 95% interval | stated inside | recall | fit s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for dataset in args.datasets.split(","):
+        plotted = {}
         for scheme in args.schemes.split(","):
             rows, fit_s, points = calibration(dataset, scheme, rates, args.folds)
+            plotted[scheme] = rows
             label = f"{args.folds}-fold {scheme}" if scheme == "cross-fit" else scheme
             for r in rows:
                 print(
@@ -75,6 +81,27 @@ def main() -> None:
                     flush=True,
                 )
             print(f"| {dataset} | (threshold-free, test ROC) | {', '.join(f'{k} {v:.3f}' for k, v in points.items())} | | | | | | | |", flush=True)
+        if args.plot is not None:
+            plot(dataset, plotted, args.folds, args.plot)
+
+
+def plot(dataset: str, plotted: dict[str, list[dict]], folds: int, folder: Path) -> Path:
+    """Stated (x) against realized (y) false-alarm rate per scheme; the diagonal is the promise."""
+    from defectscope.components.charts import Axes, Series, line_chart
+
+    colours = {"cross-fit": "#1f5fbf", "leave-one-out": "#c92a2a"}
+    stated = np.array([r["rate"] for r in next(iter(plotted.values()))])
+    top = max(0.15, *(r["high"] for rows in plotted.values() for r in rows))
+    series = [Series(stated, np.array([r["k"] / r["n"] for r in rows]), colours.get(s, "#444"), f"{folds}-fold {s}" if s == "cross-fit" else s)
+              for s, rows in plotted.items()]
+    if "cross-fit" in plotted:
+        rows = plotted["cross-fit"]
+        series += [Series(stated, np.array([r[b] for r in rows]), "#9bb7e6", f"95% interval ({b})") for b in ("low", "high")]
+    svg = line_chart(series, Axes(0, top, 0, top, "stated false-alarm rate", "realized on test/good"), f"{dataset}: does the threshold keep its promise?", diagonal=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"calibration_{dataset}.svg"
+    out.write_text(svg, encoding="utf-8")
+    return out
 
 
 if __name__ == "__main__":

@@ -389,7 +389,10 @@ def test_review_page_logs_in_off_loopback_without_a_token_in_the_url(model: Path
             page.fill("input[name=token]", TOKEN)
             page.click("button[type=submit]")
             expect(page.locator("#model-version")).not_to_have_text("", timeout=30_000)
-            page.set_input_files("#file-input", str(good))
+            page.wait_for_load_state("networkidle")
+            with page.expect_response(lambda r: r.url.endswith("/v1/predict"), timeout=60_000) as scored:
+                page.set_input_files("#file-input", str(good))
+            assert scored.value.status == 200, scored.value.text()
             expect(page.locator("#detail-verdict")).not_to_have_text("", timeout=60_000)
             assert TOKEN not in page.url and page.evaluate("document.cookie") == ""  # HttpOnly: the page cannot read it
         finally:

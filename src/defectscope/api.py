@@ -26,7 +26,7 @@ from PIL import Image
 
 from defectscope import pipeline
 from defectscope.decision.answers import Answer, answer
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, recorded_map_range, save_detector
 from defectscope.data.datasets import Record, Sample, load_sample, training_records
 from defectscope.data.images import image_array, load_image
 from defectscope.detectors import make_detector
@@ -116,8 +116,7 @@ class Model:
 
     @property
     def map_range(self) -> tuple[float, float] | None:
-        r = self.extra.get("map_range")
-        return None if r is None else (float(r[0]), float(r[1]))
+        return recorded_map_range(self.extra)
 
     def with_threshold(self, value: float) -> Model:
         """The same model deciding at another threshold (the file is not changed)."""

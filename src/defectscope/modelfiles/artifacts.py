@@ -41,6 +41,12 @@ def save_detector(
     return write_tensors(path, detector.state(), core, overwrite=overwrite)
 
 
+def recorded_map_range(extra: dict[str, Any]) -> tuple[float, float] | None:
+    """The heatmap colour range a model file records beside the model (None if it has none)."""
+    r = extra.get("map_range")
+    return None if r is None else (float(r[0]), float(r[1]))
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of a model file, checked to be a defectscope manifest (tensors not read)."""
     return manifest_of(Path(path), FORMAT, FORMAT_VERSION, REFIT)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, recorded_map_range, save_detector
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import FORMATS, check_pixels, decode_problem, load_image
 from defectscope.data.tiles import training_samples
@@ -77,8 +77,7 @@ class ModelVersion:
 
     @property
     def map_range(self) -> tuple[float, float] | None:
-        r = self.extra.get("map_range")
-        return None if r is None else (float(r[0]), float(r[1]))
+        return recorded_map_range(self.extra)
 
     def describe(self) -> dict[str, Any]:
         """What clients may know of this version: server paths (a model's own file, or one an
