@@ -26,7 +26,7 @@ from PIL import Image
 
 from defectscope import pipeline
 from defectscope.decision.answers import Answer, answer
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, recorded_map_range, save_detector
+from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, Sample, load_sample, training_records
 from defectscope.data.images import image_array, load_image
 from defectscope.detectors import make_detector
@@ -97,7 +97,7 @@ def _short(value: float | None) -> str:
     return "None" if value is None else f"{value:.4g}"
 
 
-class Model:
+class Model(Recorded):
     """A fitted model (or an exported graph) with its threshold, frame limits and map
     range, as the model file records them."""
 
@@ -108,15 +108,6 @@ class Model:
     def __repr__(self) -> str:
         where = f", file={str(self.path)!r}, sha256={self.model_id[:12]}" if self.path else ", not saved"
         return f"Model({self.detector.name}, threshold={_short(self.threshold)}{where})"
-
-    @property
-    def threshold(self) -> float | None:
-        """The score at or above which a part is defective (None: no threshold recorded)."""
-        return self.judge.threshold
-
-    @property
-    def map_range(self) -> tuple[float, float] | None:
-        return recorded_map_range(self.extra)
 
     def with_threshold(self, value: float) -> Model:
         """The same model deciding at another threshold (the file is not changed)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope import __version__
+from defectscope.decision.scoring import Judge
 from defectscope.detectors.base import REGISTRY, Detector
 from defectscope.errors import ModelFileError
 from defectscope.data.tensorfile import NOUNS, manifest_of, read_tensors, write_tensors
@@ -41,10 +42,23 @@ def save_detector(
     return write_tensors(path, detector.state(), core, overwrite=overwrite)
 
 
-def recorded_map_range(extra: dict[str, Any]) -> tuple[float, float] | None:
-    """The heatmap colour range a model file records beside the model (None if it has none)."""
-    r = extra.get("map_range")
-    return None if r is None else (float(r[0]), float(r[1]))
+class Recorded:
+    """The facts a model file records beside the model, for a loaded model that holds its
+    ``extra`` and the ``judge`` built from it (the API's Model, the station's versions)."""
+
+    extra: dict[str, Any]
+    judge: Judge
+
+    @property
+    def threshold(self) -> float | None:
+        """The score at or above which a part is defective (None: no threshold recorded)."""
+        return self.judge.threshold
+
+    @property
+    def map_range(self) -> tuple[float, float] | None:
+        """The heatmap colour range (None if the file records none)."""
+        r = self.extra.get("map_range")
+        return None if r is None else (float(r[0]), float(r[1]))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, recorded_map_range, save_detector
+from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import FORMATS, check_pixels, decode_problem, load_image
 from defectscope.data.tiles import training_samples
@@ -51,7 +51,7 @@ class UploadError(DataError):
 
 
 @dataclass
-class ModelVersion:
+class ModelVersion(Recorded):
     """A loaded model file: its detector, threshold and heatmap range."""
 
     version: str  # first 12 hex digits of the model file's content hash
@@ -70,14 +70,6 @@ class ModelVersion:
     @property
     def extra(self) -> dict[str, Any]:
         return self.manifest.get("extra", {})
-
-    @property
-    def threshold(self) -> float | None:
-        return self.judge.threshold
-
-    @property
-    def map_range(self) -> tuple[float, float] | None:
-        return recorded_map_range(self.extra)
 
     def describe(self) -> dict[str, Any]:
         """What clients may know of this version: server paths (a model's own file, or one an
