@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from defectscope.components.ann import check_params
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import Index
 from defectscope.data.datasets import batches, iter_samples, load_dataset
 from defectscope.data.images import crop_content
 from defectscope.detectors import make_detector
 from defectscope.evaluation.evaluate import Scored, metric_rows
-from defectscope.components.features import flatten_patches
-from defectscope.components.memory import Index
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "magnetic_tile"

@@ -25,8 +25,8 @@ import argparse
 from pathlib import Path
 
 from defectscope.detectors.anomalyclip import AnomalyCLIP
-from defectscope.evaluation.evaluate import evaluate
 from defectscope.detectors.anomalyclip_training import train_prompts
+from defectscope.evaluation.evaluate import evaluate
 from defectscope.synthesis.split import make_synthetic_split
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"

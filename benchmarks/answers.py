@@ -24,13 +24,13 @@ import numpy as np
 from scipy import ndimage
 
 from defectscope import pipeline
-from defectscope.decision.scoring import score_samples
-from defectscope.decision.answers import answer, language_model
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.images import load_mask
+from defectscope.decision.answers import answer, language_model
 from defectscope.decision.defect_types import DefectTypes, features, signature
-from defectscope.detectors.base import make_detector, training_options
 from defectscope.decision.explain import grid_position, make_finding
+from defectscope.decision.scoring import score_samples
+from defectscope.detectors.base import make_detector, training_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [ROOT.parent / "shared" / "datasets" / n for n in ("magnetic_tile", "battery_weld")]

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from defectscope.data.datasets import batches, iter_samples, load_dataset
-from defectscope.detectors import make_detector
 from defectscope.components.features import flatten_patches
 from defectscope.components.memory import covering_radius, greedy_coreset
+from defectscope.data.datasets import batches, iter_samples, load_dataset
+from defectscope.detectors import make_detector
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bsdata"
 CACHE = Path(tempfile.gettempdir()) / "defectscope_bsdata_native_patches.pt"

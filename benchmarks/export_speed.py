@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors.base import make_detector
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.modelfiles.export import export_model, trace_onnx
 from defectscope.modelfiles.runtimes import ExportedModel
 

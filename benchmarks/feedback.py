@@ -25,11 +25,11 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 def main() -> None:
     from defectscope import pipeline
-    from defectscope.modelfiles.artifacts import save_detector
     from defectscope.data.datasets import load_dataset
+    from defectscope.decision.metrics import auroc
     from defectscope.detectors import make_detector
     from defectscope.evaluation.evaluate import score_records
-    from defectscope.decision.metrics import auroc
+    from defectscope.modelfiles.artifacts import save_detector
     from defectscope.serve.station import Station
     from defectscope.serve.store import SQLiteStore
 

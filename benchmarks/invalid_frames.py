@@ -27,10 +27,10 @@ from scipy import ndimage
 
 from defectscope import pipeline
 from defectscope.data.datasets import Record, Sample, iter_samples, load_dataset
-from defectscope.detectors.base import make_detector, training_options
-from defectscope.evaluation.evaluate import score_records
 from defectscope.decision.metrics import image_metrics
 from defectscope.decision.scoring import Judge, score_samples
+from defectscope.detectors.base import make_detector, training_options
+from defectscope.evaluation.evaluate import score_records
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 NAMES = ("magnetic_tile", "battery_weld", "bsdata")

@@ -57,10 +57,10 @@ def run_setting(data: str, ratio: float) -> dict:
 def coreset_comparison(data: str, anomalib_python: str | None) -> list[dict]:
     import torch
 
-    from defectscope.data.datasets import iter_samples, load_dataset
-    from defectscope.detectors import make_detector
     from defectscope.components.features import flatten_patches
     from defectscope.components.memory import CELL_ROWS, covering_radius, greedy_coreset
+    from defectscope.data.datasets import iter_samples, load_dataset
+    from defectscope.detectors import make_detector
 
     ds = load_dataset(data)
     det = make_detector("patchcore")

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from defectscope.modelfiles.artifacts import save_detector
-from defectscope.detectors.base import make_detector
 from defectscope.components.diffusion import train_ddpm
+from defectscope.detectors.base import make_detector
 from defectscope.evaluation.evaluate import evaluate
+from defectscope.modelfiles.artifacts import save_detector
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

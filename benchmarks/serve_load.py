@@ -35,9 +35,9 @@ def rss_mb(pid: int) -> float:
 
 def fit_model(folder: Path) -> Path:
     from defectscope import pipeline
-    from defectscope.modelfiles.artifacts import save_detector
     from defectscope.data.datasets import load_dataset
     from defectscope.detectors import make_detector
+    from defectscope.modelfiles.artifacts import save_detector
 
     fitted = pipeline.fit(make_detector("patchcore"), load_dataset(DATASETS / "battery_weld").train)
     return save_detector(fitted.detector, folder / "weld.dscope", extra=fitted.extra())
@@ -97,9 +97,9 @@ def cli_predict(model: Path, images: list[Path], out: Path) -> float:
 
 def library_predict(model: Path, images: list[Path], out: Path) -> float:
     """images/s of the same run in-process, model already loaded (what the CLI does after start-up)."""
-    from defectscope.modelfiles.artifacts import load_detector, read_manifest
-    from defectscope.engines.local import predict_folder
     from defectscope.decision.scoring import Judge
+    from defectscope.engines.local import predict_folder
+    from defectscope.modelfiles.artifacts import load_detector, read_manifest
 
     detector, extra = load_detector(model), read_manifest(model)["extra"]
     t0 = time.perf_counter()

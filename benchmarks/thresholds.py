@@ -32,10 +32,10 @@ RATES = (0.01, 0.02, 0.05, 0.10)
 def calibration(dataset: str, scheme: str, rates: tuple[float, ...], folds: int = 5) -> tuple[list[dict], float, dict[str, float]]:
     """Rows per stated rate, the fit time (s) and the threshold-free operating points."""
     from defectscope.data.datasets import load_dataset
-    from defectscope.detectors.base import make_detector
-    from defectscope.evaluation.evaluate import score_records
     from defectscope.decision.metrics import tpr_at_fpr
     from defectscope.decision.thresholds import from_normal
+    from defectscope.detectors.base import make_detector
+    from defectscope.evaluation.evaluate import score_records
 
     ds = load_dataset(DATASETS / dataset)
     det = make_detector("patchcore", normal_scores=scheme)

@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 
 from defectscope.components.ann import AnnIndex
-from defectscope.modelfiles.artifacts import load_detector, save_detector
+from defectscope.components.memory import Index
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
 from defectscope.evaluation.evaluate import score_records
-from defectscope.components.memory import Index
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.backbones.clip import get_clip, vv_attention
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.detectors.anomalyclip import read_prompts
-from defectscope.errors import ConfigError, DataError, ModelFileError, WeightsError
 from defectscope.detectors.anomalyclip_training import anomalyclip_loss, train_prompts
+from defectscope.errors import ConfigError, DataError, ModelFileError, WeightsError
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.synthesis.split import make_synthetic_split
 
 TINY = {"clip_model": "defectscope-tiny", "clip_pretrained": "random", "image_size": 96, "depth": 3}

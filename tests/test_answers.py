@@ -14,14 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from defectscope import pipeline
-from defectscope.decision.answers import LocalSmolLM2, OpenAIEndpoint, answer, ask, contradiction, rule_answer
-from defectscope.modelfiles.artifacts import save_detector
 from defectscope.cli import app
 from defectscope.data.datasets import iter_samples, load_dataset
-from defectscope.detectors import make_detector
-from defectscope.errors import ConfigError
+from defectscope.decision.answers import LocalSmolLM2, OpenAIEndpoint, answer, ask, contradiction, rule_answer
 from defectscope.decision.explain import Finding, Region, make_finding
 from defectscope.decision.scoring import Judge
+from defectscope.detectors import make_detector
+from defectscope.errors import ConfigError
+from defectscope.modelfiles.artifacts import save_detector
 
 CELLS = {"top left": (0.08, 0.08), "bottom right": (0.75, 0.75), "middle right": (0.42, 0.75)}  # (row, col) of the patch corner
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ModelFileError
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 
 
 @pytest.fixture(scope="module")

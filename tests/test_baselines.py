@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import seeded_subset
 
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
 from defectscope.evaluation.evaluate import evaluate
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from defectscope import pipeline
-from defectscope.decision.scoring import score_samples
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.cli import app
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import image_size
+from defectscope.decision.scoring import score_samples
 from defectscope.detectors.base import make_detector
 from defectscope.errors import ConfigError, DataError, ModelFileError
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.modelfiles.export import export_model
 from defectscope.modelfiles.runtimes import ExportedModel
 

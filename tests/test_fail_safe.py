@@ -21,19 +21,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.cli import EXIT_SKIPPED, app
 from defectscope.data.datasets import Record, load_sample
 from defectscope.data.images import Preprocess
-from defectscope.errors import ConfigError, DataError
 from defectscope.decision.gate import Gate, learn_frames
 from defectscope.decision.metrics import misclassified
 from defectscope.decision.scoring import Judge, score_samples
+from defectscope.decision.thresholds import Threshold, from_normal
+from defectscope.decision.verdict import decide
+from defectscope.errors import ConfigError, DataError
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.serve.app import create_app
 from defectscope.serve.station import Station
 from defectscope.serve.store import SQLiteStore
-from defectscope.decision.thresholds import Threshold, from_normal
-from defectscope.decision.verdict import decide
 
 runner = CliRunner()
 

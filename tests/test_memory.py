@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import covering_radius, greedy_coreset, has_faiss, knn
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
-from defectscope.components.features import flatten_patches
-from defectscope.components.memory import covering_radius, greedy_coreset, has_faiss, knn
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,16 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from defectscope.decision.metrics import aupro, auroc, average_precision, f1_max, image_metrics, misclassified, pixel_metrics, tpr_at_fpr
+from defectscope.decision.metrics import (
+    aupro,
+    auroc,
+    average_precision,
+    f1_max,
+    image_metrics,
+    misclassified,
+    pixel_metrics,
+    tpr_at_fpr,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -17,14 +17,14 @@ from PIL import Image
 from test_cli import run
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
+from defectscope.cli import EXIT_INVALID
 from defectscope.data.datasets import load_dataset
+from defectscope.decision.scoring import Judge
 from defectscope.detectors import make_detector
 from defectscope.engines.local import predict_folder
 from defectscope.engines.ray_engine import ray_scorer
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.pipeline import expand_images
-from defectscope.cli import EXIT_INVALID
-from defectscope.decision.scoring import Judge
 
 
 def rows(folder: Path) -> dict[str, tuple[float | None, str, str]]:

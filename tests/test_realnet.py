@@ -12,13 +12,13 @@ from helpers import defect_crop, paste_defect
 from PIL import Image
 from typer.testing import CliRunner
 
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.cli import app
+from defectscope.components.diffusion import DDPM, train_ddpm
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors.base import make_detector
 from defectscope.detectors.realnet import afs_errors, afs_select
-from defectscope.components.diffusion import DDPM, train_ddpm
 from defectscope.errors import ConfigError, ModelFileError
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 
 FAST = {"preprocess": {"size": 128}, "steps": 6, "pool": 1, "afs_images": 16, "synthesis": "perlin+cutpaste"}
 

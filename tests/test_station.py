@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import save_detector
 from defectscope.data.datasets import load_dataset
 from defectscope.detectors import make_detector
+from defectscope.modelfiles.artifacts import save_detector
 from defectscope.serve.access import Access
 from defectscope.serve.app import create_app
 from defectscope.serve.station import Station

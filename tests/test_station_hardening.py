@@ -18,11 +18,12 @@ from test_report import CHROMIUM_FLAGS, chromium
 from test_station import local, model, station  # noqa: F401 - the station tests' fixtures
 from test_station_live import serving
 
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import Record, iter_samples
+from defectscope.decision.scoring import Judge, score_samples
+from defectscope.decision.thresholds import f1_optimal
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError
-from defectscope.decision.scoring import Judge, score_samples
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.serve import station as station_module
 from defectscope.serve.access import Access
 from defectscope.serve.app import Limits, create_app
@@ -30,7 +31,6 @@ from defectscope.serve.retention import Retention, folder_bytes
 from defectscope.serve.station import Station
 from defectscope.serve.store import SQLiteStore
 from defectscope.serve.watch import FolderWatcher
-from defectscope.decision.thresholds import f1_optimal
 
 TOKEN, READ = "change-token-0123456789", "read-only-token-0123456789"
 

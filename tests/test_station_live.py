@@ -20,9 +20,9 @@ from playwright.sync_api import expect, sync_playwright
 from test_report import CHROMIUM_FLAGS, chromium
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import save_detector
 from defectscope.data.datasets import load_dataset
 from defectscope.detectors import make_detector
+from defectscope.modelfiles.artifacts import save_detector
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import read_manifest, save_detector
 from defectscope.data.datasets import iter_samples, load_dataset
+from defectscope.decision.thresholds import from_normal
 from defectscope.detectors.base import make_detector
 from defectscope.errors import ConfigError
 from defectscope.evaluation.evaluate import score_records
-from defectscope.decision.thresholds import from_normal
+from defectscope.modelfiles.artifacts import read_manifest, save_detector
 
 
 def _scores_without(method: str, records: list, i: int, **options) -> float:

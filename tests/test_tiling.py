@@ -12,13 +12,13 @@ import torch
 from helpers import paste_defect
 
 from defectscope import pipeline
-from defectscope.decision.scoring import score_samples
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.data.datasets import Dataset, iter_samples, load_dataset
 from defectscope.data.images import Preprocess
 from defectscope.data.tiles import boxes, starts, stitch, training_samples
+from defectscope.decision.scoring import score_samples
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError, DataError
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.modelfiles.export import export_model
 from defectscope.modelfiles.runtimes import ExportedModel
 

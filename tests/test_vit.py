@@ -11,7 +11,6 @@ from helpers import defect_crop, paste_defect
 from PIL import Image
 from vit_reference import block_outputs
 
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.backbones.vit import ViTBackbone
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.data.fewshot import sample_shots
@@ -19,6 +18,7 @@ from defectscope.detectors import make_detector
 from defectscope.detectors.anomalydino import rotate
 from defectscope.errors import WeightsError
 from defectscope.evaluation.evaluate import score_records
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 
 
 @pytest.fixture(scope="module")

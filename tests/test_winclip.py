@@ -9,12 +9,12 @@ import pytest
 import torch
 from helpers import cached_clip_weights
 
-from defectscope.modelfiles.artifacts import load_detector, save_detector
 from defectscope.backbones.clip import CLIPBackbone, get_clip
+from defectscope.components.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, prompts
 from defectscope.data.datasets import iter_samples, load_dataset
 from defectscope.detectors import make_detector
 from defectscope.errors import ConfigError, WeightsError
-from defectscope.components.prompts import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, prompts
+from defectscope.modelfiles.artifacts import load_detector, save_detector
 
 TINY = {"clip_model": "defectscope-tiny", "clip_pretrained": "random", "class_name": "tile"}
 

@@ -25,21 +25,21 @@ import numpy as np
 from PIL import Image
 
 from defectscope import pipeline
-from defectscope.decision.answers import Answer, answer
-from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, Sample, load_sample, training_records
 from defectscope.data.images import image_array, load_image
+from defectscope.decision.answers import Answer, answer
+from defectscope.decision.explain import Finding, make_finding
+from defectscope.decision.scoring import Judge, score_samples
+from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold
 from defectscope.detectors import make_detector
 from defectscope.detectors.base import Detector, Progress
 from defectscope.engines.local import RunSummary, predict_folder
 from defectscope.errors import ConfigError, DataError
 from defectscope.evaluation.evaluate import EvalResult
 from defectscope.evaluation.evaluate import evaluate as evaluate_method
-from defectscope.decision.explain import Finding, make_finding
 from defectscope.evaluation.report import html_report, overlay
+from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.modelfiles.runtimes import ExportedModel, is_exported
-from defectscope.decision.scoring import Judge, score_samples
-from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold
 
 ImageLike = str | Path | Image.Image | np.ndarray
 

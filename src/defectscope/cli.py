@@ -17,20 +17,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.components.charts import loss_curve_png
 from defectscope.data.datasets import Record, load_dataset, training_records
 from defectscope.data.tiles import training_samples
+from defectscope.decision.scoring import Judge
+from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
 from defectscope.detectors.base import make_detector, method_class, training_options
 from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation.evaluate import evaluate as run_evaluate
 from defectscope.evaluation.evaluate import evaluate_fewshot
-from defectscope.modelfiles.export import export_model
 from defectscope.evaluation.report import html_report
+from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
+from defectscope.modelfiles.export import export_model
 from defectscope.modelfiles.runtimes import ExportedModel, is_exported
-from defectscope.decision.scoring import Judge
-from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, check_rate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line

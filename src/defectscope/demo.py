@@ -15,13 +15,13 @@ from typing import Any
 from rich.console import Console
 
 from defectscope import pipeline
-from defectscope.modelfiles.artifacts import read_manifest, save_detector
 from defectscope.data.datasets import load_dataset
+from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE
 from defectscope.detectors.base import make_detector
 from defectscope.engines.local import predict_folder
 from defectscope.evaluation.evaluate import evaluate
 from defectscope.evaluation.report import html_report
-from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE
+from defectscope.modelfiles.artifacts import read_manifest, save_detector
 
 SAMPLE = Path(__file__).parent / "sample_data" / "battery_weld"
 

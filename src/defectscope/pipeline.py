@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,12 @@ import numpy as np
 from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES
 from defectscope.data.tiles import training_samples
-from defectscope.detectors.base import Detector, Progress
-from defectscope.errors import ConfigError, DataError
-from defectscope.evaluation.evaluate import score_records
 from defectscope.decision.gate import Gate, learn_frames
 from defectscope.decision.scoring import Judge
 from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE, Threshold, choose, from_normal
+from defectscope.detectors.base import Detector, Progress
+from defectscope.errors import ConfigError, DataError
+from defectscope.evaluation.evaluate import score_records
 
 log = logging.getLogger("defectscope")
 MIN_HOLDOUT = 10  # below this many training images, none are held out for the threshold

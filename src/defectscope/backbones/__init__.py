@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from defectscope.errors import WeightsError
-
 from defectscope.backbones.cnn import CNNBackbone, get_cnn
 from defectscope.backbones.packaged import DEFAULT_STAGES as PACKAGED_STAGES
 from defectscope.backbones.packaged import EnsembleBackbone, get_packaged
 from defectscope.backbones.vit import DEFAULT_BLOCKS, ViTBackbone, get_vit
 from defectscope.backbones.vit import NAME as VIT_NAME
+from defectscope.errors import WeightsError
 
 DEFAULT_STAGES = {VIT_NAME: DEFAULT_BLOCKS, **PACKAGED_STAGES}
 CNN_STAGES = (2, 3)

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones.vit import IMAGENET_MEAN, IMAGENET_STD, get_vit
-from defectscope.errors import WeightsError
 from defectscope.data.tensorfile import content_hash
+from defectscope.errors import WeightsError
 
 RANDOM_SEED = 0  # "random" weights (tests, timing) are seeded: the same in every process
 

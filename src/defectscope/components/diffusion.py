@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from defectscope import __version__
-from defectscope.components.charts import loss_curve_png
+from defectscope.components.charts import contact_sheet, loss_curve_png
+from defectscope.components.progress import Progress
 from defectscope.data.datasets import SkipLog, iter_samples, training_records
 from defectscope.data.images import Preprocess
-from defectscope.components.progress import Progress
-from defectscope.errors import ConfigError, DataError
-from defectscope.components.charts import contact_sheet
 from defectscope.data.tensorfile import NOUNS, read_tensors, write_tensors
+from defectscope.errors import ConfigError, DataError
 
 log = logging.getLogger("defectscope")
 

@@ -22,10 +22,10 @@ from typing import Protocol
 
 from defectscope.data.datasets import Record, load_sample
 from defectscope.decision.defect_types import UNKNOWN, DefectTypes
-from defectscope.detectors.base import Detector
-from defectscope.errors import ConfigError
 from defectscope.decision.explain import COLS, ROWS, Finding, Region, make_finding
 from defectscope.decision.scoring import Judge, score_samples
+from defectscope.detectors.base import Detector
+from defectscope.errors import ConfigError
 
 POSITIONS = [f"{r} {c}" for r in ROWS for c in COLS if (r, c) != ("middle", "centre")] + ["centre"]
 LINE_LIKE = 3.0  # elongation above which a region is described as a line

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectscope.components.features import fuse_stages
 from defectscope.data.datasets import Record, Sample, load_sample
 from defectscope.data.images import IMAGE_SUFFIXES, Preprocess
+from defectscope.decision.explain import Finding, region_level
+from defectscope.decision.scoring import score_samples
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError
-from defectscope.decision.explain import Finding, region_level
-from defectscope.components.features import fuse_stages
-from defectscope.decision.scoring import score_samples
 
 log = logging.getLogger("defectscope")
 UNKNOWN = "unknown"

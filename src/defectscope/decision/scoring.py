@@ -20,9 +20,9 @@ import torch
 
 from defectscope.data.datasets import Sample
 from defectscope.data.images import to_original
-from defectscope.detectors.base import Detector
 from defectscope.decision.gate import Gate
 from defectscope.decision.verdict import Verdict, check_threshold, decide
+from defectscope.detectors.base import Detector
 
 
 @dataclass(frozen=True)

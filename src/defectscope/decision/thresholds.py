@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from defectscope.errors import ConfigError
 from defectscope.decision.metrics import f1_max
 from defectscope.decision.verdict import check_threshold
+from defectscope.errors import ConfigError
 
 DEFAULT_FALSE_ALARM_RATE = 0.01
 

@@ -30,6 +30,7 @@ from torch import nn
 from defectscope import __version__
 from defectscope.backbones.clip import CLIPBackbone, get_clip
 from defectscope.data.datasets import Record, Sample, iter_samples
+from defectscope.data.tensorfile import NOUNS, read_tensors, write_tensors
 from defectscope.detectors.base import (
     Detector,
     NormalScores,
@@ -40,7 +41,6 @@ from defectscope.detectors.base import (
     square_input,
 )
 from defectscope.errors import ConfigError, ModelFileError
-from defectscope.data.tensorfile import NOUNS, read_tensors, write_tensors
 
 TEMPERATURE = 0.07
 PROMPTS_FORMAT = "defectscope-prompts"

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.backbones.vit import NAME as VIT_NAME
+from defectscope.components.memory import Index
 from defectscope.data.datasets import Sample, batches
 from defectscope.detectors.base import CNNDetector, Prediction, Progress, check_ratio, patch_scores_to_maps, register
 from defectscope.errors import ConfigError
-from defectscope.components.memory import Index
 
 PAPER_ROTATIONS = (0, 45, 90, 135, 180, 225, 270, 315)
 

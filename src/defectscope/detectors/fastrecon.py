@@ -35,11 +35,11 @@ from typing import Any, Self
 import torch
 import torch.nn.functional as F
 
+from defectscope.components.features import flatten_patches, patch_features
+from defectscope.components.memory import greedy_coreset
 from defectscope.data.datasets import Sample
 from defectscope.detectors.base import CNNDetector, Prediction, Progress, ScoreGraph, patch_scores_to_maps, register
 from defectscope.errors import ConfigError
-from defectscope.components.features import flatten_patches, patch_features
-from defectscope.components.memory import greedy_coreset
 
 
 @register

@@ -25,10 +25,10 @@ from typing import Any, ClassVar, Self
 
 import torch
 
+from defectscope.components.features import fuse_stages, local_aggregate
 from defectscope.data.datasets import Sample
 from defectscope.detectors.base import CNNDetector, Prediction, Progress, patch_scores_to_maps, register
 from defectscope.errors import ConfigError
-from defectscope.components.features import fuse_stages, local_aggregate
 
 
 @register

@@ -19,6 +19,7 @@ from typing import Any, Self
 
 import torch
 
+from defectscope.components.features import fuse_stages
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.detectors.base import (
     CNNDetector,
@@ -30,7 +31,6 @@ from defectscope.detectors.base import (
     register,
 )
 from defectscope.errors import ConfigError, DataError
-from defectscope.components.features import fuse_stages
 
 
 @register

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from defectscope.components.ann import AnnIndex, check_params
+from defectscope.components.features import flatten_patches, patch_features
+from defectscope.components.memory import Index, covering_radius, greedy_coreset
 from defectscope.data.datasets import Record, Sample, batches
 from defectscope.data.tiles import boxes, training_samples
 from defectscope.detectors.base import (
@@ -43,8 +45,6 @@ from defectscope.detectors.base import (
     register,
 )
 from defectscope.errors import ConfigError
-from defectscope.components.features import flatten_patches, patch_features
-from defectscope.components.memory import Index, covering_radius, greedy_coreset
 
 RADIUS_SAMPLE = 16384  # training patches on which the coreset's covering radius is measured
 # How the training images' own scores (behind the threshold) are made with a coreset:

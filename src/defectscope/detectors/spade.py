@@ -16,11 +16,11 @@ from typing import Any, ClassVar, Self
 import torch
 import torch.nn.functional as F
 
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import knn
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.detectors.base import CNNDetector, NormalScores, Prediction, Progress, gaussian_blur, register
 from defectscope.errors import ConfigError
-from defectscope.components.features import flatten_patches
-from defectscope.components.memory import knn
 
 
 @register

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from defectscope.backbones.clip import CLIPBackbone, get_clip
+from defectscope.components.prompts import prompts
 from defectscope.data.datasets import Sample
 from defectscope.detectors.base import Detector, Prediction, Progress, patch_scores_to_maps, register, square_input
 from defectscope.errors import ConfigError
-from defectscope.components.prompts import prompts
 
 TEMPERATURE = 0.07
 

@@ -29,11 +29,11 @@ import numpy as np
 
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import load_image
+from defectscope.decision.scoring import Judge, score_samples
 from defectscope.detectors.base import Detector, Progress
 from defectscope.errors import DataError
-from defectscope.pipeline import output_names
 from defectscope.evaluation.report import save_overlay
-from defectscope.decision.scoring import Judge, score_samples
+from defectscope.pipeline import output_names
 
 FIELDS = ("path", "score", "verdict", "reason")
 

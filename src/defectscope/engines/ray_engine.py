@@ -46,8 +46,8 @@ class _ModelActor:
         import ray
         import torch
 
-        from defectscope.modelfiles.artifacts import load_detector, read_manifest
         from defectscope.decision.scoring import Judge
+        from defectscope.modelfiles.artifacts import load_detector, read_manifest
 
         torch.set_num_threads(threads)
         data, threshold = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref

@@ -26,12 +26,12 @@ from defectscope.data.datasets import Dataset, Record, iter_samples, load_datase
 from defectscope.data.fewshot import sample_shots
 from defectscope.data.images import Geometry, Preprocess, crop_content
 from defectscope.data.tiles import training_samples
-from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
-from defectscope.errors import ConfigError, DataError
 from defectscope.decision.metrics import image_metrics, misclassified, pixel_metrics
 from defectscope.decision.scoring import Judge, score_samples
 from defectscope.decision.thresholds import Threshold, from_normal
 from defectscope.decision.verdict import Verdict
+from defectscope.detectors.base import Detector, Progress, fewshot_options, make_detector, training_options
+from defectscope.errors import ConfigError, DataError
 
 # tpr_at_fpr1/5: the share of defective images the best threshold catches while flagging at
 # most 1% / 5% of the good ones (threshold-free, from the test ROC): the operating point a

@@ -12,9 +12,9 @@ from PIL import Image
 
 from defectscope.components.charts import Axes, Series, histogram, line_chart
 from defectscope.data.images import load_image
-from defectscope.evaluation.evaluate import COLUMNS, EvalResult, format_value, operating_point, worst_indices
 from defectscope.decision.metrics import curve, curve_points
 from defectscope.decision.verdict import decide
+from defectscope.evaluation.evaluate import COLUMNS, EvalResult, format_value, operating_point, worst_indices
 
 
 def colormap(values: np.ndarray) -> np.ndarray:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from defectscope import __version__
+from defectscope.data.tensorfile import NOUNS, manifest_of, read_tensors, write_tensors
 from defectscope.decision.scoring import Judge
 from defectscope.detectors.base import REGISTRY, Detector
 from defectscope.errors import ModelFileError
-from defectscope.data.tensorfile import NOUNS, manifest_of, read_tensors, write_tensors
 
 FORMAT = "defectscope-model"
 FORMAT_VERSION = 1

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from defectscope import __version__
-from defectscope.modelfiles.artifacts import load_detector, read_manifest
 from defectscope.data.images import MIN_SIDE, Preprocess, image_size
 from defectscope.errors import ConfigError, ModelFileError
+from defectscope.modelfiles.artifacts import load_detector, read_manifest
 
 log = logging.getLogger("defectscope")
 FORMAT = "defectscope-export"

@@ -24,10 +24,10 @@ import torch
 
 from defectscope.data.datasets import Sample
 from defectscope.data.images import Geometry, Preprocess
+from defectscope.data.tensorfile import check_format
 from defectscope.detectors.base import Detector, Prediction, Progress
 from defectscope.errors import ConfigError, DataError, ModelFileError
 from defectscope.modelfiles.export import FORMAT, FORMAT_VERSION, META_KEY, file_hash, onnx_graph_hash
-from defectscope.data.tensorfile import check_format
 
 RUNTIMES = {".onnx": "onnxruntime", ".xml": "openvino"}
 

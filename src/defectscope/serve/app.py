@@ -29,8 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from defectscope import __version__
 from defectscope.decision.answers import answer
-from defectscope.errors import ConfigError, DefectscopeError
 from defectscope.decision.explain import stored_finding
+from defectscope.errors import ConfigError, DefectscopeError
 from defectscope.serve.access import COOKIE, Access, Role, needed_role, same_origin, token_in_url
 from defectscope.serve.limits import MB, BodyLimit, RateLimit, reply
 from defectscope.serve.station import MAX_UPLOAD_BYTES, Station, UploadError

@@ -24,18 +24,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.data.datasets import Record, iter_samples
 from defectscope.data.images import FORMATS, check_pixels, decode_problem, load_image
 from defectscope.data.tiles import training_samples
+from defectscope.decision.explain import make_finding
+from defectscope.decision.scoring import Judge, Judged, score_samples
+from defectscope.decision.thresholds import Threshold, f1_optimal
 from defectscope.detectors.base import Detector
 from defectscope.errors import ConfigError, DataError, DefectscopeError
-from defectscope.decision.explain import make_finding
 from defectscope.evaluation.report import overlay
-from defectscope.decision.scoring import Judge, Judged, score_samples
+from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.serve.retention import GB, Retention, prune_versions, purge_images
 from defectscope.serve.store import Result, SQLiteStore, Version, new_id
-from defectscope.decision.thresholds import Threshold, f1_optimal
 
 log = logging.getLogger("defectscope")
 MAX_UPLOAD_BYTES = 32 * 2**20

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from defectscope.components.charts import contact_sheet
+from defectscope.components.diffusion import DDPM
+from defectscope.components.progress import Progress
 from defectscope.data.datasets import load_folder, training_records
 from defectscope.data.images import load_image_uint8
-from defectscope.components.progress import Progress
-from defectscope.components.diffusion import DDPM
 from defectscope.errors import ConfigError, DataError
-from defectscope.components.charts import contact_sheet
 from defectscope.synthesis.generators import KINDS, synthesize
 from defectscope.synthesis.masks import otsu_foreground
 
