@@ -189,7 +189,7 @@ def load(path: str | Path, *, runtime: str | None = None) -> Model:
         exported = ExportedModel(path, runtime)
         return Model(exported, exported.extra, exported.meta["source_sha256"], path)
     if runtime is not None:
-        raise ConfigError(f"runtime is for exported graphs (.onnx, .xml); {path} is a model file, scored by torch.")
+        raise ConfigError(f"--runtime (runtime=) is for exported graphs (.onnx, .xml); {path} is a model file, scored by torch.")
     manifest = read_manifest(path)
     return Model(load_detector(path), manifest.get("extra", {}), manifest["sha256"], path)
 
@@ -215,8 +215,8 @@ def evaluate(
         if options:
             raise ConfigError("A fitted model brings its own options; leave them out (or pass method= and options to fit anew).")
         recorded = model.extra.get("threshold")
-        fitted = Threshold(**recorded) if recorded and model.threshold is not None else True
-        result = evaluate_method(model.detector, data, fitted=fitted, keep_scores=keep)
+        threshold = Threshold(**recorded) if recorded and model.threshold is not None else None
+        result = evaluate_method(model.detector, data, fitted=True, threshold=threshold, keep_scores=keep)
     else:
         result = evaluate_method(method, data, config=options or None, false_alarm_rate=false_alarm_rate, keep_scores=keep)
     if report is not None:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from defectscope import pipeline
+from defectscope.api import load as load_model
 from defectscope.components.charts import loss_curve_png
 from defectscope.data.datasets import Record, load_dataset, training_records
 from defectscope.data.tiles import training_samples
@@ -30,7 +31,7 @@ from defectscope.evaluation.evaluate import evaluate_fewshot
 from defectscope.evaluation.report import html_report
 from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.modelfiles.export import export_model
-from defectscope.modelfiles.runtimes import ExportedModel, is_exported
+from defectscope.modelfiles.runtimes import ExportedModel
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line
@@ -218,18 +219,6 @@ def _engine(engine: str, detector: Any, model_file: Path | None, address: str | 
     return ray_scorer(data, threshold=threshold, address=address, workers=workers)
 
 
-def _load_model(path: Path, runtime: str | None) -> tuple[Any, dict[str, Any], str]:
-    """A model file's detector, or an exported graph's runner; its recorded extra (threshold,
-    map range, frame limits); and what identifies it (the model file's hash)."""
-    if is_exported(path):
-        exported = ExportedModel(path, runtime)
-        return exported, exported.extra, exported.meta["source_sha256"]
-    if runtime is not None:
-        raise DefectscopeError(f"--runtime is for exported graphs (.onnx, .xml); {path} is a model file, scored by torch.")
-    manifest = read_manifest(path)
-    return load_detector(path), manifest.get("extra", {}), manifest["sha256"]
-
-
 @app.command()
 def predict(
     inputs: Annotated[list[Path], typer.Argument(help="MODEL IMAGES... (model file or exported .onnx/.xml, then image files or folders); with --method, only IMAGES...")],
@@ -267,7 +256,8 @@ def predict(
         else:
             if len(inputs) < 2:
                 raise DefectscopeError("Give a model file and at least one image or folder (or a zero-shot --method).")
-            detector, extra, model_id = _load_model(inputs[0], runtime)
+            loaded = load_model(inputs[0], runtime=runtime)
+            detector, extra, model_id = loaded.detector, loaded.extra, loaded.model_id
             images = inputs[1:]
         judge = Judge.of(extra, str(inputs[0]) if method is None else model_id, threshold)
         paths, ignored = pipeline.expand_images(images)
@@ -331,8 +321,8 @@ def ask(
         from defectscope.decision.answers import language_model
         from defectscope.decision.defect_types import DefectTypes
 
-        detector, extra, _ = _load_model(model, None)
-        judge = Judge.of(extra, str(model))
+        loaded = load_model(model)
+        detector, judge = loaded.detector, loaded.judge
         types = None if defect_examples is None else DefectTypes.from_folder(detector, defect_examples, judge.threshold)
         lm, unavailable = None, None
         try:

@@ -70,6 +70,7 @@ class InceptionBackbone(nn.Module):
         last = INCEPTION_BLOCKS[max(self.stages)]
         names = [*INCEPTION_STEM, *INCEPTION_BLOCKS[: INCEPTION_BLOCKS.index(last) + 1]]
         self.layers = nn.ModuleDict({n: getattr(layers, n) for n in names})  # later blocks are never run
+        self.outputs = {INCEPTION_BLOCKS[s] for s in self.stages}
         self.eval().requires_grad_(False)
         self.weights_hash = state_hash(self)
 
@@ -79,7 +80,7 @@ class InceptionBackbone(nn.Module):
         out = []
         for n, layer in self.layers.items():
             x = layer(x)
-            if n in INCEPTION_BLOCKS and INCEPTION_BLOCKS.index(n) in self.stages:
+            if n in self.outputs:
                 out.append(x)
         return out
 

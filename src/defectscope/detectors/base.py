@@ -130,7 +130,7 @@ class Detector(ABC):
             self.fit(training_samples(records, self.preprocess), progress=progress)
             return None
         k = min(folds, n)
-        fold = np.random.default_rng(seed).permutation(n) % k
+        fold = fold_of(n, k, seed)
         parts, order = [], []
         for f in range(k):
             inside = [r for r, g in zip(records, fold, strict=True) if g != f]
@@ -351,6 +351,11 @@ def square_input(detector: Detector, size: int, resize: str, preprocess: dict[st
     if resize not in ("letterbox", "squash"):
         raise ConfigError("CLIP takes square inputs: resize must be letterbox (keeps the shape) or squash.")
     return Preprocess(size, resize)
+
+
+def fold_of(n: int, k: int, seed: int) -> np.ndarray:
+    """The cross-fitting fold (0..k-1) of each of ``n`` images: seeded, sizes within one."""
+    return np.random.default_rng(seed).permutation(n) % k
 
 
 def check_ratio(name: str, value: float) -> float:

@@ -41,6 +41,7 @@ from defectscope.detectors.base import (
     Progress,
     ScoreGraph,
     check_ratio,
+    fold_of,
     patch_scores_to_maps,
     register,
 )
@@ -261,7 +262,7 @@ class PatchCore(CNNDetector):
         else:
             k = min(folds, n_images)
             how = f"{k}-fold cross-fitting, coreset selected again per fold"
-            fold = torch.as_tensor(np.random.default_rng(seed).permutation(n_images) % k)
+            fold = torch.as_tensor(fold_of(n_images, k, seed))
             row_fold = fold[owner]
             for f in range(k):
                 rows = bank[row_fold != f]

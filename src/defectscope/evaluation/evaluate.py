@@ -107,19 +107,22 @@ class EvalResult:
         """The metric table as a pandas DataFrame, one row per defect type and "overall"."""
         import pandas as pd
 
-        return pd.DataFrame([{k: row.get(k) for k in ("defect", "n_images", *COLUMNS)} for row in self.rows]).set_index("defect")
+        return pd.DataFrame(self.table()).set_index("defect")
 
     def __repr__(self) -> str:
         o = self.overall
         auroc = "-" if o.get("image_auroc") is None else f"{o['image_auroc']:.3f}"
         return f"EvalResult({self.method} on {Path(self.dataset).name}: image AUROC {auroc}, {len(self.rows) - 1} defect types)"
 
+    def table(self) -> list[dict[str, Any]]:
+        """The metric table's rows: defect type, images, and every metric column."""
+        return [{k: row.get(k) for k in ("defect", "n_images", *COLUMNS)} for row in self.rows]
+
     def to_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["defect", "n_images", *COLUMNS])
         writer.writeheader()
-        for row in self.rows:
-            writer.writerow({k: row.get(k) for k in writer.fieldnames})
+        writer.writerows(self.table())
         return buf.getvalue()
 
     def to_markdown(self) -> str:
@@ -243,14 +246,15 @@ def evaluate(
     false_alarm_rate: float | None = None,
     keep_scores: bool = False,
     metric_size: int | None = None,
-    fitted: Threshold | bool | None = None,
+    fitted: bool = False,
+    threshold: Threshold | None = None,
     progress: Progress | None = None,
 ) -> EvalResult:
     """Fit ``detector`` (a registered name or an instance) on the dataset's normal training
     images (or ``train``), score its test split, and tabulate metrics and costs.
 
     ``fitted``: ``detector`` is already fitted (e.g. a loaded model file): nothing is fitted
-    again and the given Threshold (``True``: none) is the one measured at.
+    again, and ``threshold`` (if any) is the one measured at.
     ``false_alarm_rate``: also set the threshold a deployed model would use, from the
     training images alone (`Detector.fit_scored`, as `fit` does); its time is part of
     ``fit_s``. ``keep_scores``: keep per-image scores, maps and curves (for the report).
@@ -265,14 +269,11 @@ def evaluate(
     reset_peak_rss()
     t0 = time.perf_counter()
     uses_images = det.needs_training_images or given
-    threshold = None
-    if fitted is not None:
-        threshold = fitted if isinstance(fitted, Threshold) else None
-    elif false_alarm_rate is not None and uses_images:
+    if not fitted and false_alarm_rate is not None and uses_images:
         normal = det.fit_scored(train, progress=progress)
         if normal is not None:
             threshold = from_normal(normal.scores, false_alarm_rate=false_alarm_rate, source=normal.how)
-    else:
+    elif not fitted:
         det.fit(training_samples(train, det.preprocess) if uses_images else None, progress=progress)
     fit_s = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -96,7 +96,9 @@ class Access:
             )
         return cls(token, read_token, bool(token), tuple(dict.fromkeys([*local_names(host), *extra_hosts])))
 
-    def _session(self, role: Role) -> str:
+    def session_cookie(self, role: Role) -> str:
+        """The cookie value for a logged-in page of ``role``: an HMAC of the role under the
+        change token (never the token itself)."""
         secret = (self.token or "").encode()
         return hmac.new(secret, f"defectscope-session:{role.name}".encode(), hashlib.sha256).hexdigest()
 
@@ -110,10 +112,6 @@ class Access:
             return Role.READ
         return Role.NONE
 
-    def session_cookie(self, role: Role) -> str:
-        """The cookie value for a logged-in page of ``role``."""
-        return self._session(role)
-
     def role(self, conn: HTTPConnection) -> Role:
         """What this request may do: from its header token, else its session cookie."""
         if not self.required:
@@ -125,7 +123,7 @@ class Access:
         cookie = conn.cookies.get(COOKIE)
         if cookie:
             for role in (Role.CHANGE, Role.READ):
-                if (role is Role.CHANGE or self.read_token) and hmac.compare_digest(cookie, self._session(role)):
+                if (role is Role.CHANGE or self.read_token) and hmac.compare_digest(cookie, self.session_cookie(role)):
                     return role
         return Role.NONE
 

@@ -206,7 +206,7 @@ def create_app(
         body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy", "model_version": station.current.version}
         if watcher is not None:  # the failing file and error only to a caller with a token: they name server paths
             detail = watcher.health.to_dict()
-            body["watcher"] = detail if access.role(request) >= Role.READ else {"state": detail["state"]}
+            body["watcher"] = detail if request.state.role >= Role.READ else {"state": detail["state"]}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/v1/model", summary="The served model: method, options, threshold, hashes, versions (no server paths)")

@@ -18,6 +18,7 @@ from typing import Any
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MB = 2**20
@@ -32,13 +33,6 @@ async def reply(send: Send, status: int, detail: str, headers: dict[str, str] | 
     await send({"type": "http.response.body", "body": body})
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 class BodyLimit:
     """413 for a body over ``max_raw`` bytes (one raw image) or ``max_multipart`` bytes (a
     multipart form of several images), decided while the body arrives."""
@@ -46,20 +40,25 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, *, max_raw: int, max_multipart: int) -> None:
         self.app, self.max_raw, self.max_multipart = app, max_raw, max_multipart
 
-    def limit_for(self, scope: Scope) -> int:
-        kind = (header(scope, b"content-type") or "").lower()
+    def limit_for(self, headers: Headers) -> int:
+        kind = headers.get("content-type", "").lower()
         return self.max_multipart if kind.startswith("multipart/") else self.max_raw
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
+        headers = Headers(scope=scope)
+        limit = self.limit_for(headers)
         too_big = f"The request body is over the station's limit of {limit / MB:.0f} MB; send fewer or smaller images."
-        declared = header(scope, b"content-length")
-        if declared is not None and (not declared.strip().isdigit() or int(declared) > limit):
-            await reply(send, 413 if declared.strip().isdigit() else 400, too_big if declared.strip().isdigit() else "Content-Length is not a number.")
-            return
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await reply(send, 400, "Content-Length is not a number.")
+                return
+            if int(declared) > limit:
+                await reply(send, 413, too_big)
+                return
         received = 0
         refused = False
         started = False

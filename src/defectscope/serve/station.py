@@ -432,6 +432,5 @@ class Station:
         """Delete station-written versions beyond the rule (never the served or pinned ones)."""
         pruned = prune_versions(self.store, self.retention, self.models_dir, {self.current.version})
         for v in pruned:
-            if v != self.current.version:
-                self._versions.pop(v, None)
+            self._versions.pop(v, None)
         return pruned
