@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Backbone graphs for the fast runtime are traced once per machine; the suite keeps its own
+# cache beside the repository (clean in CI, reused between local runs), never the user's.
+os.environ.setdefault("DEFECTSCOPE_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "defectscope-graphs"))
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 BATTERY = DATASETS / "battery_weld"

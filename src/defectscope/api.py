@@ -182,16 +182,19 @@ def fit(
 
 
 def load(path: str | Path, *, runtime: str | None = None) -> Model:
-    """A model file (.dscope) or an exported graph (.onnx, or .xml for OpenVINO; ``runtime``
-    chooses onnxruntime or openvino for .onnx)."""
+    """A model file (.dscope) or an exported graph (.onnx, or .xml for OpenVINO).
+
+    ``runtime``: for a model file, where its backbone runs (auto, openvino, onnxruntime or
+    torch; default the process's, see `defectscope.backbones.runtime`); for an .onnx file,
+    onnxruntime (default) or openvino."""
     path = Path(path)
     if is_exported(path):
-        exported = ExportedModel(path, runtime)
+        exported = ExportedModel(path, None if runtime == "auto" else runtime)
         return Model(exported, exported.extra, exported.meta["source_sha256"], path)
-    if runtime is not None:
-        raise ConfigError(f"--runtime (runtime=) is for exported graphs (.onnx, .xml); {path} is a model file, scored by torch.")
     manifest = read_manifest(path)
-    return Model(load_detector(path), manifest.get("extra", {}), manifest["sha256"], path)
+    detector = load_detector(path)
+    detector.use_runtime(runtime)
+    return Model(detector, manifest.get("extra", {}), manifest["sha256"], path)
 
 
 def evaluate(

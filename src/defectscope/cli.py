@@ -18,6 +18,8 @@ from rich.text import Text
 
 from defectscope import pipeline
 from defectscope.api import load as load_model
+from defectscope.backbones.runtime import ENV as RUNTIME_ENV
+from defectscope.backbones.runtime import set_default_runtime
 from defectscope.components.charts import loss_curve_png
 from defectscope.data.datasets import Record, load_dataset, training_records
 from defectscope.data.tiles import training_samples
@@ -46,6 +48,14 @@ ClassName = Annotated[
     typer.Option("--class-name", help="The product's name, for text-prompted methods (e.g. winclip)."),
 ]
 Size = Annotated[int, typer.Option(help="Network input size in pixels (long side, see --resize).")]
+Runtime = Annotated[
+    str,
+    typer.Option(
+        envvar=RUNTIME_ENV,
+        help="Where the backbone runs: auto (OpenVINO, else onnxruntime, else torch; each checked against torch), "
+        "openvino, onnxruntime or torch. Results are the same; a model file records none of it.",
+    ),
+]
 Resize = Annotated[
     Optional[str],  # noqa: UP045 - typer needs Optional here
     typer.Option(help="aspect (keep shape), letterbox (pad to square) or squash; default: the method's."),
@@ -165,10 +175,12 @@ def fit(
     validation: Annotated[Optional[Path], typer.Option(help="MVTec-layout folder whose test split sets an F1-optimal threshold.")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option(help="Use a validation folder even if it shares images with DATA's test split or training images.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+    runtime: Runtime = "auto",
 ) -> None:
     """Fit a detector on normal images and write a model file."""
 
     def job() -> None:
+        set_default_runtime(runtime)
         if output.exists() and not overwrite:
             raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
         check_rate(false_alarm_rate)
@@ -235,7 +247,7 @@ def predict(
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster; a local one without --address).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster's address, as `ray start --head` prints it.")] = None,  # noqa: UP045
     workers: Annotated[Optional[int], typer.Option(help="--engine ray: scoring actors (default: one per 2 CPUs of the cluster).")] = None,  # noqa: UP045
-    runtime: Annotated[Optional[str], typer.Option(help="Exported .onnx files: onnxruntime (default) or openvino.")] = None,  # noqa: UP045
+    runtime: Annotated[str, typer.Option(envvar=RUNTIME_ENV, help="Where the backbone runs (see `fit --help`); an exported .onnx runs in onnxruntime (auto) or openvino.")] = "auto",
 ) -> None:
     """Score images with a fitted model (or a zero-shot --method); results stream into --out.
 
@@ -245,6 +257,7 @@ def predict(
     but some were invalid, 2 on an error that stopped the run (what was scored is kept)."""
 
     def job() -> int:
+        set_default_runtime(runtime)
         extra: dict[str, Any] = {}
         model_id = f"zero-shot {method}"
         if method is not None:
@@ -355,10 +368,12 @@ def evaluate(
     shots: Annotated[Optional[str], typer.Option(help="k-shot protocol: comma-separated k, e.g. 1,2,4,8.")] = None,  # noqa: UP045
     seeds: Annotated[int, typer.Option(help="k-shot protocol: seeds 0..N-1 per k.")] = 5,
     metric_size: Annotated[Optional[int], typer.Option(help="Compute pixel metrics on maps and masks shrunk to this long side (tiled maps of large images; default: the scored size).")] = None,  # noqa: UP045
+    runtime: Runtime = "auto",
 ) -> None:
     """Fit on train/good (or k sampled shots), score the test split, print the metric table."""
 
     def job() -> None:
+        set_default_runtime(runtime)
         config = _config(size, resize, options, class_name, (tile, overlap, scale), method)
         html = output is not None and output.suffix.lower() in (".html", ".htm")
         if html and shots:
@@ -486,10 +501,12 @@ def add_normals(
     model: Annotated[Path, typer.Argument(help="Fitted model file.")],
     images: Annotated[list[Path], typer.Argument(help="Normal images (files or folders) to learn from.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The new model file (the old one is kept).")],
+    runtime: Runtime = "auto",
 ) -> None:
     """Teach a fitted model more normal images without refitting (PatchCore, PaDiM, SPADE, FastRecon)."""
 
     def job() -> None:
+        set_default_runtime(runtime)
         if output.exists():
             raise DefectscopeError(f"{output} already exists; choose a new name (model versions are never overwritten).")
         detector = load_detector(model)
@@ -519,6 +536,7 @@ def serve(
     max_store_gb: Annotated[Optional[float], typer.Option(help="Delete the oldest images while the store is larger than this.")] = None,  # noqa: UP045
     keep_versions: Annotated[int, typer.Option(help="Model versions written by the station kept on disk (pinned ones always are).")] = 10,
     keep_in_memory: Annotated[int, typer.Option(help="Model versions kept loaded (the served one included).")] = 3,
+    runtime: Runtime = "auto",
 ) -> None:
     """Serve a model: HTTP API, review page at /, results store, optional folder watching."""
     import uvicorn
@@ -531,6 +549,7 @@ def serve(
     from defectscope.serve.watch import FolderWatcher
 
     def job() -> None:
+        set_default_runtime(runtime)
         access = Access.for_bind(host, token, read_token, allowed_host or ())
         limits = Limits(max_request_mb=max_request_mb, rate=rate_limit)
         retention = Retention(keep_days, max_store_gb, keep_versions)

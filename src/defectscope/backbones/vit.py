@@ -181,7 +181,7 @@ class ViTBackbone(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h, w = (max(PATCH, round(s / PATCH) * PATCH) for s in x.shape[-2:])
+        h, w = (max(PATCH, round(int(s) / PATCH) * PATCH) for s in x.shape[-2:])
         if (h, w) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.backbones import default_stages, get_backbone
+from defectscope.backbones.runtime import check_runtime
 from defectscope.components.progress import Progress
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.data.images import Preprocess
@@ -185,6 +186,12 @@ class Detector(ABC):
         engines that split the stream (Ray, the station's micro-batches) refuse them."""
         return type(self).predict_samples is not Detector.predict_samples
 
+    def use_runtime(self, runtime: str | None) -> None:
+        """Run the frozen backbone in ``runtime`` (`backbones.runtime`); methods without
+        one run in torch and refuse any other."""
+        if runtime not in (None, "auto", "torch"):
+            raise ConfigError(f"{self.name} has no backbone that runs outside torch; drop --runtime {check_runtime(runtime)}.")
+
     # Why a method cannot score through tiles (None: it can; see `predict_tiled`).
     tiling_refusal: ClassVar[str | None] = None
 
@@ -308,18 +315,27 @@ class CNNDetector(Detector):
         weights: str = "auto",
         preprocess: dict[str, Any] | None = None,
         sigma: float = 4.0,
+        runtime: str | None = None,
     ) -> None:
+        """``runtime``: where the backbone runs (auto, openvino, onnxruntime, torch; default the
+        process's, `backbones.runtime`); not part of the model: a file records nothing of it."""
         self.backbone_name, self.weights = backbone, weights
+        self.runtime = None if runtime is None else check_runtime(runtime)
         self.stages = default_stages(backbone) if stages is None else tuple(stages)
         self.preprocess = Preprocess(**(preprocess or {}))
         refuse_tiling(self, self.preprocess.tile)
         self.sigma = sigma
         self._backbone: nn.Module | None = None
 
+    def use_runtime(self, runtime: str | None) -> None:
+        """Run the backbone in ``runtime`` from now on (None: the process's default)."""
+        self.runtime = None if runtime is None else check_runtime(runtime)
+        self._backbone = None
+
     @property
     def backbone(self) -> nn.Module:
         if self._backbone is None:
-            self._backbone = get_backbone(self.backbone_name, self.stages, self.weights)
+            self._backbone = get_backbone(self.backbone_name, self.stages, self.weights, self.runtime)
         return self._backbone
 
     def base_config(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.backbones.runtime import runtime_env_vars
 from defectscope.engines.local import OnError, Scored, Scorer, local_scorer
 from defectscope.errors import ConfigError, DataError, DefectscopeError
 
@@ -117,7 +118,10 @@ def _connect(address: str | None, workers: int | None) -> tuple[bool, int]:
 
     if ray.is_initialized():
         return False, int(ray.cluster_resources().get("CPU", 1))
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+        "runtime_env": {"env_vars": runtime_env_vars()},  # workers run the backbone where this process would
+    }
     try:
         if address is None:
             ray.init(num_cpus=max(workers or 0, os.cpu_count() or 1), **kwargs)
