@@ -163,13 +163,16 @@ def fit(
     *,
     method: str = "patchcore",
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    defects: str | Path | None = None,
     progress: Progress | None = None,
     **options: Any,
 ) -> Model:
     """Fit ``method`` on normal images: a folder of good parts, an MVTec-layout dataset
     (its train/good), or a list of image paths; ``options`` are the method's (e.g.
     ``backbone=``, ``coreset_ratio=``, ``tile=``...). The threshold is set from the
-    training images alone at ``false_alarm_rate``, as `defectscope fit` does."""
+    training images alone at ``false_alarm_rate``, as `defectscope fit` does.
+    ``defects``: a folder of labelled defective images (outlines as ``<name>_mask.png``
+    beside them) for a method that learns from them (``supersimplenet``)."""
     detector = make_detector(method, **options)
     if isinstance(data, list):
         records = [Record(Path(p)) for p in data]
@@ -177,7 +180,9 @@ def fit(
             raise DataError("fit got an empty list of images; give at least one normal image.")
     else:
         records = training_records(data)
-    fitted = pipeline.fit(detector, records if detector.needs_training_images else None, false_alarm_rate=false_alarm_rate, progress=progress)
+    fitted = pipeline.fit(
+        detector, records if detector.needs_training_images else None, false_alarm_rate=false_alarm_rate, defects=defects, progress=progress
+    )
     return Model(fitted.detector, fitted.extra(), f"unsaved {method}")
 
 

@@ -29,7 +29,7 @@ from defectscope.detectors.base import make_detector, method_class, training_opt
 from defectscope.engines.local import predict_folder
 from defectscope.errors import DefectscopeError
 from defectscope.evaluation.evaluate import evaluate as run_evaluate
-from defectscope.evaluation.evaluate import evaluate_fewshot
+from defectscope.evaluation.evaluate import evaluate_fewshot, evaluate_labelled
 from defectscope.evaluation.report import html_report
 from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.modelfiles.export import export_model
@@ -175,6 +175,7 @@ def fit(
     validation: Annotated[Optional[Path], typer.Option(help="MVTec-layout folder whose test split sets an F1-optimal threshold.")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option(help="Use a validation folder even if it shares images with DATA's test split or training images.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+    defects: Annotated[Optional[Path], typer.Option(help="Folder of labelled defective images (outlines as <name>_mask.png beside them) for a method that learns from them (supersimplenet); never part of the threshold.")] = None,  # noqa: UP045
     runtime: Runtime = "auto",
 ) -> None:
     """Fit a detector on normal images and write a model file."""
@@ -191,7 +192,7 @@ def fit(
         with _progress() as report:
             fitted = pipeline.fit(
                 detector, records, false_alarm_rate=false_alarm_rate, holdout=holdout, validation=validation,
-                test_of=data, force=force, progress=report,
+                test_of=data, force=force, defects=defects, progress=report,
             )
         save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
         thr = fitted.threshold
@@ -351,6 +352,13 @@ def ask(
     _run(job)
 
 
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise DefectscopeError(f"{option} expects integers like 0,5,10, got {text!r}.") from None
+
+
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Dataset folder in MVTec layout (train/good, test/*, ground_truth/*).")],
@@ -366,7 +374,9 @@ def evaluate(
     false_alarm_rate: Annotated[Optional[float], typer.Option(help="Also set the threshold from the training images at this false-alarm rate and report its test error rates (.html: 0.01 by default).")] = None,  # noqa: UP045
     masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Require a mask for every defective image.")] = True,
     shots: Annotated[Optional[str], typer.Option(help="k-shot protocol: comma-separated k, e.g. 1,2,4,8.")] = None,  # noqa: UP045
-    seeds: Annotated[int, typer.Option(help="k-shot protocol: seeds 0..N-1 per k.")] = 5,
+    seeds: Annotated[int, typer.Option(help="k-shot and labelled-defect protocols: seeds 0..N-1 per k.")] = 5,
+    labelled_defects: Annotated[Optional[str], typer.Option(help="Supervised protocol: comma-separated k, e.g. 0,5,10,20: k defective test images (with masks) train the model, the rest are scored.")] = None,  # noqa: UP045
+    label_only: Annotated[bool, typer.Option(help="--labelled-defects: give the k defects as image labels only, without their masks.")] = False,
     metric_size: Annotated[Optional[int], typer.Option(help="Compute pixel metrics on maps and masks shrunk to this long side (tiled maps of large images; default: the scored size).")] = None,  # noqa: UP045
     runtime: Runtime = "auto",
 ) -> None:
@@ -376,16 +386,21 @@ def evaluate(
         set_default_runtime(runtime)
         config = _config(size, resize, options, class_name, (tile, overlap, scale), method)
         html = output is not None and output.suffix.lower() in (".html", ".htm")
-        if html and shots:
-            raise DefectscopeError("An HTML report is for one fit; write the k-shot table as .md, .csv or .json.")
+        if shots and labelled_defects:
+            raise DefectscopeError("Choose one protocol: --shots or --labelled-defects.")
+        if html and (shots or labelled_defects):
+            raise DefectscopeError("An HTML report is for one fit; write the protocol's table as .md, .csv or .json.")
         with _progress() as report:
             if shots:
-                try:
-                    ks = [int(k) for k in shots.split(",")]
-                except ValueError:
-                    raise DefectscopeError(f"--shots expects integers like 1,2,4,8, got {shots!r}.") from None
                 dataset = load_dataset(data, require_masks=masks)
-                result = evaluate_fewshot(method, dataset, shots=ks, seeds=list(range(seeds)), config=config, progress=report)
+                result = evaluate_fewshot(method, dataset, shots=_ints(shots, "--shots"), seeds=list(range(seeds)), config=config, progress=report)
+            elif labelled_defects:
+                dataset = load_dataset(data, require_masks=masks)
+                result = evaluate_labelled(
+                    method, dataset, defects=_ints(labelled_defects, "--labelled-defects"), seeds=list(range(seeds)),
+                    masks=not label_only, config=config, false_alarm_rate=check_rate(false_alarm_rate or DEFAULT_FALSE_ALARM_RATE),
+                    progress=report,
+                )
             else:
                 rate = DEFAULT_FALSE_ALARM_RATE if html and false_alarm_rate is None else false_alarm_rate
                 result = run_evaluate(

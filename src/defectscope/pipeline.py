@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.data.datasets import Record, iter_samples, load_dataset, load_folder, training_records
+from defectscope.data.datasets import Record, defect_records, iter_samples, load_dataset, load_folder, training_records
 from defectscope.data.images import IMAGE_SUFFIXES
 from defectscope.data.tiles import training_samples
 from defectscope.decision.gate import Gate, learn_frames
@@ -107,11 +107,17 @@ def fit(
     test_of: str | Path | None = None,
     force: bool = False,
     seed: int = 0,
+    defects: str | Path | list[Record] | None = None,
     progress: Progress | None = None,
 ) -> Fitted:
     """Fit on the normal images of ``data`` (a folder or its records) and derive a threshold
     (see module docstring). ``test_of``: the dataset whose test split a validation set must
-    not be (default: ``data`` when it is a folder)."""
+    not be (default: ``data`` when it is a folder). ``defects``: labelled defective images
+    (a folder, see `defect_records`, or records) for a method that learns from them; they
+    train the model and never enter the threshold, which stays a false-alarm rate on
+    normal images."""
+    if defects is not None:
+        detector.use_defects(defects if isinstance(defects, list) else defect_records(defects))
     if data is None:
         detector.fit(None, progress=progress)
         return Fitted(detector, None, None)

@@ -205,6 +205,23 @@ def load_folder(folder: str | Path) -> list[Record]:
     return [Record(p) for p in list_images(folder)]
 
 
+MASK_SUFFIX = "_mask"  # a labelled defect's outline beside it: <stem>_mask.png
+
+
+def defect_records(folder: str | Path) -> list[Record]:
+    """Labelled defective images in ``folder``: each image with its outline ``<stem>_mask.png``
+    beside it where one was drawn, else an image-level label only. The mask files
+    themselves are not images to learn from."""
+    images = [p for p in list_images(folder) if not p.stem.endswith(MASK_SUFFIX)]
+    if not images:
+        raise DataError(f"{folder} has no defect images; put the defective images there (outlines as <name>{MASK_SUFFIX}.png).")
+    out = []
+    for p in images:
+        mask = p.with_name(f"{p.stem}{MASK_SUFFIX}.png")
+        out.append(Record(p, 1, "labelled", mask if mask.is_file() else None))
+    return out
+
+
 def training_records(data: str | Path) -> list[Record]:
     """Normal training images: ``train/good`` of a dataset folder, or a plain image folder."""
     data = Path(data)

@@ -145,6 +145,14 @@ class Detector(ABC):
         self.fit(training_samples(records, self.preprocess), progress=progress)
         return NormalScores.collect(parts, order, f"{k}-fold cross-fitting")
 
+    # Whether the method learns from labelled defective images too (`use_defects`).
+    learns_from_defects: ClassVar[bool] = False
+
+    def use_defects(self, records: Sequence[Record]) -> None:
+        """Train on these defective images as well (``mask_path`` where an outline exists);
+        methods that learn from normal images only refuse."""
+        raise ConfigError(f"{self.name} learns from normal images only; labelled defects need a method that uses them (supersimplenet).")
+
     def add_normals(self, images: Iterable[Sample]) -> dict[str, Any]:
         """Learn from more normal images without refitting (an inspector's "good part");
         returns what changed. Methods that cannot say so clearly."""
@@ -379,3 +387,20 @@ def check_ratio(name: str, value: float) -> float:
     if not 0 < value <= 1:
         raise ConfigError(f"{name} must be in (0, 1], got {value}.")
     return value
+
+
+def holdout_scored(detector: Detector, records: Sequence[Record], share: float, seed: int, progress: Progress | None) -> NormalScores | None:
+    """Fit on all but ``share`` of the normal ``records`` (seeded) and score those unseen:
+    the threshold's normal scores for trained networks, too costly to cross-fit. The model
+    keeps what it trained on; None (after fitting on all) for fewer than five images."""
+    n = len(records)
+    if n < 5:
+        detector.fit(iter_samples(records, detector.preprocess), progress=progress)
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    held = order[: max(1, round(share * n))]
+    kept = [records[i] for i in sorted(set(order.tolist()) - set(held.tolist()))]
+    detector.fit(iter_samples(kept, detector.preprocess), progress=progress)
+    unseen = iter_samples([records[i] for i in held], detector.preprocess)
+    parts = [NormalScores.summarize(pred) for _, pred in detector.predict_samples(unseen)]
+    return NormalScores.collect(parts, held.tolist(), f"{len(held)} held-out images ({share:.0%})")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectscope.data.datasets import Record, Sample, batches, iter_samples, load_folder
+from defectscope.data.datasets import Record, Sample, batches, load_folder
 from defectscope.data.images import load_image_uint8
 from defectscope.detectors.base import (
     CNNDetector,
@@ -53,6 +53,7 @@ from defectscope.detectors.base import (
     Prediction,
     Progress,
     check_ratio,
+    holdout_scored,
     register,
 )
 from defectscope.errors import ConfigError
@@ -406,15 +407,4 @@ class RealNet(CNNDetector):
     ) -> NormalScores | None:
         """Train once on all but HOLDOUT of the normal images and score those unseen (a network
         is too costly to cross-fit five times); the model keeps the images it trained on."""
-        n = len(records)
-        if n < 5:
-            self.fit(iter_samples(records, self.preprocess), progress=progress)
-            return None
-        order = np.random.default_rng(seed).permutation(n)
-        held = order[: max(1, round(HOLDOUT * n))]
-        kept = [records[i] for i in sorted(set(order.tolist()) - set(held.tolist()))]
-        self.fit(iter_samples(kept, self.preprocess), progress=progress)
-        unseen = iter_samples([records[i] for i in held], self.preprocess)
-        parts = [NormalScores.summarize(pred) for _, pred in self.predict_samples(unseen)]
-        return NormalScores.collect(parts, held.tolist(), f"{len(held)} held-out images ({HOLDOUT:.0%})")
-
+        return holdout_scored(self, records, HOLDOUT, seed, progress)

@@ -301,18 +301,20 @@ def evaluate(
 
 @dataclass
 class FewShotResult:
-    """The k-shot protocol: per k, the overall metrics of every seed, and mean +- std."""
+    """A protocol repeated per k and seed (k shots, or k labelled defects): per k, the
+    overall metrics of every seed, and mean +- std."""
 
     method: str
     dataset: str
     runs: dict[int, list[dict[str, Any]]]
+    protocol: str = "k-shot"
 
     def summary(self) -> dict[int, dict[str, tuple[float, float]]]:
         """Per k and metric: (mean, sample std over seeds; 0 for one seed)."""
         out: dict[int, dict[str, tuple[float, float]]] = {}
         for k, rows in self.runs.items():
             out[k] = {}
-            for col in (*COLUMNS, "predict_ms_per_image"):
+            for col in (*COLUMNS, *THRESHOLD_COLUMNS, "fit_s", "predict_ms_per_image"):
                 vals = np.array([r[col] for r in rows if r.get(col) is not None], dtype=np.float64)
                 vals = vals[np.isfinite(vals)]
                 if vals.size:
@@ -320,19 +322,26 @@ class FewShotResult:
         return out
 
     def to_markdown(self) -> str:
-        cols = ("image_auroc", "tpr_at_fpr1", "tpr_at_fpr5", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "predict_ms_per_image")
+        cols = (
+            "image_auroc", "tpr_at_fpr1", "tpr_at_fpr5", "pixel_auroc", "aupro", "image_ap", "pixel_ap",
+            *THRESHOLD_COLUMNS, "fit_s", "predict_ms_per_image",
+        )
+        summary = self.summary()
+        cols = tuple(c for c in cols if any(c in stats for stats in summary.values()))
         lines = ["| k | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-        for k, stats in self.summary().items():
+        for k, stats in summary.items():
             cells = [f"{stats[c][0]:.3f} ± {stats[c][1]:.3f}" if c in stats else "-" for c in cols]
             lines.append(f"| {k} | {len(self.runs[k])} | " + " | ".join(cells) + " |")
-        return f"**{self.method}** k-shot on `{self.dataset}`\n\n" + "\n".join(lines) + "\n"
+        return f"**{self.method}** {self.protocol} on `{self.dataset}`\n\n" + "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
-        return json.dumps({"method": self.method, "dataset": self.dataset, "runs": self.runs, "summary": self.summary()}, indent=2)
+        return json.dumps(
+            {"method": self.method, "dataset": self.dataset, "protocol": self.protocol, "runs": self.runs, "summary": self.summary()}, indent=2
+        )
 
     def to_csv(self) -> str:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["k", "seed", *COLUMNS, "predict_ms_per_image"])
+        writer = csv.DictWriter(buf, fieldnames=["k", "seed", *COLUMNS, *THRESHOLD_COLUMNS, "fit_s", "predict_ms_per_image"])
         writer.writeheader()
         for k, rows in self.runs.items():
             for row in rows:
@@ -359,3 +368,47 @@ def evaluate_fewshot(
             result = evaluate(method, ds, config=base, train=sample_shots(ds.train, k, seed), progress=progress)
             runs.setdefault(k, []).append({**result.overall, **result.cost, "seed": seed})
     return FewShotResult(method, str(ds.root), runs)
+
+
+THRESHOLD_COLUMNS = ("test_false_alarm_rate", "test_recall")  # at the model's own threshold (`at_threshold`)
+
+
+def labelled_split(ds: Dataset, k: int, seed: int, masks: bool = True) -> tuple[list[Record], Dataset]:
+    """k defective test images drawn by ``seed`` to train on (with their masks, or as image
+    labels only), and the dataset without them: the supervised protocol of SuperSimpleNet's
+    mixed-supervision paper (the rest of the test split is evaluated)."""
+    bad = [i for i, r in enumerate(ds.test) if r.label == 1]
+    if not 0 <= k <= len(bad):
+        raise ConfigError(f"Cannot take {k} labelled defects from the {len(bad)} defective test images of {ds.root}.")
+    picked = set(np.random.default_rng(seed).choice(bad, size=k, replace=False).tolist()) if k else set()
+    labelled = [ds.test[i] if masks else Record(ds.test[i].path, 1, ds.test[i].defect) for i in sorted(picked)]
+    rest = Dataset(ds.root, ds.train, [r for i, r in enumerate(ds.test) if i not in picked])
+    return labelled, rest
+
+
+def evaluate_labelled(
+    method: str,
+    data: str | Path | Dataset,
+    *,
+    defects: list[int],
+    seeds: list[int],
+    masks: bool = True,
+    config: dict[str, Any] | None = None,
+    false_alarm_rate: float = 0.01,
+    progress: Progress | None = None,
+) -> FewShotResult:
+    """For each k and seed: k labelled defects from the test split (`labelled_split`) train
+    the model beside the normal training images; the threshold comes from normal images
+    only, at ``false_alarm_rate``; the remaining test images are scored. k = 0 is the
+    unsupervised model on the full test split (one run: no seed changes it)."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for k in defects:
+        for seed in seeds if k else seeds[:1]:
+            labelled, rest = labelled_split(ds, k, seed, masks)
+            det = make_detector(method, **(config or {}))
+            if labelled:
+                det.use_defects(labelled)
+            result = evaluate(det, rest, false_alarm_rate=false_alarm_rate, progress=progress)
+            runs.setdefault(k, []).append({**result.overall, **result.cost, **(result.threshold or {}), "seed": seed})
+    return FewShotResult(method, str(ds.root), runs, "with k labelled defects" + ("" if masks else " (image labels only)"))

@@ -213,7 +213,7 @@ def _write_openvino(model: Any, meta: dict[str, Any], path: Path) -> None:
     try:
         import openvino as ov
     except ImportError as exc:
-        raise ConfigError("OpenVINO export needs openvino: pip install 'defectscope[export]'.") from exc
+        raise ConfigError("OpenVINO export needs openvino: pip install openvino.") from exc
     source = path.with_suffix(".source.onnx")
     onnx.save_model(model, str(source))
     converted = ov.convert_model(str(source))

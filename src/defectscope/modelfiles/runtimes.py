@@ -88,7 +88,7 @@ class _OpenVinoSession:
         try:
             import openvino as ov
         except ImportError as exc:
-            raise ConfigError(f"Running {path} with OpenVINO needs openvino: pip install 'defectscope[export]'.") from exc
+            raise ConfigError(f"Running {path} with OpenVINO needs openvino: pip install openvino.") from exc
         core = ov.Core()
         if path.suffix.lower() == ".onnx":
             _, self.meta = _verified_onnx(path)

@@ -1,0 +1,399 @@
+"""SuperSimpleNet (Rolih et al., ICPR 2024; mixed supervision: J. Intell. Manuf. 2025).
+
+One discriminative model for every supervision regime: normal images alone, normal images
+plus defects with an image label, or defects with a mask, mixed freely.
+
+- Features: the frozen backbone's stages, bilinearly upscaled (align_corners, as the
+  official FeatureExtractor) to ``upscale`` x the finest stage's grid and averaged over
+  p x p neighbourhoods (PatchCore's aggregation): F, N x C x h x w.
+- Adaptor: one 1 x 1 convolution C -> C (Xavier-normal init): A = adapt(F).
+- Anomalies in feature space, training only: the batch is duplicated; Gaussian noise
+  N(0, 0.015^2) is added to A inside a binarised Perlin mask (2^0..2^5 cells per axis,
+  threshold ``perlin_thr``), and with probability 0.5 a copy gets none ("empty"). Real
+  defects keep their masks (downsampled bilinearly, binarised at 0.5, as DestSeg); the
+  mask becomes M' = [M + P > 0] and the label y' = [y or any(M')]. ``bad``: noise is also
+  added on defective images; ``overlap``: also inside their masks.
+- Segmentation head: conv1x1 C -> 1024, BN, LeakyReLU(0.2), conv1x1 -> 1 (no bias): the
+  map m (logits). Classification head: conv5x5 on [A', m] -> 128, BN, ReLU; global max and
+  mean of that and of m -> linear -> the score s (a logit). ``stop_grad`` detaches m where
+  it feeds the classifier.
+- Loss: focal(sigmoid(m), M') + focal(sigmoid(s), y') (gamma 4) + truncated L1 on m
+  (normal pixels pushed below -0.5, anomalous above +0.5). Images with an image label
+  only (no mask) contribute the classification loss alone.
+- AdamW: lr 1e-4 adaptor, 2e-4 both heads (weight decay 1e-5); the lr x 0.4 at 80% and
+  90% of training.
+- Inference: m upsampled bilinearly to the input and smoothed (sigma 4); the image score
+  is s. Both are logits, given here through softplus, log(1 + e^x): the same order, and
+  positive, as the verdict rule needs of every score; and unlike sigmoid probabilities,
+  which saturate at the top and lose the ranking a threshold needs, softplus keeps the
+  logit's resolution there (softplus(x) ~ x) and float precision below (~ e^x).
+
+The official configurations differ per regime, so the defaults do too (``None``): without
+defects ``perlin_thr`` 0.2, ``stop_grad`` on, no gradient clipping, ``overlap`` on (the
+MVTec unsupervised setup); with defects 0.6, off, clipping at norm 1, ``overlap`` off
+(the supervised setup). Both use ``bad`` on.
+
+CPU-first: the backbone is frozen, so every training image's features are computed once
+and kept (float16) and the heads train on that cache. Departures from the official
+training, for a CPU and for a line's few defects: ``steps`` (and an optional time budget
+``budget_s``) instead of 300 epochs of batch 32 (the lr steps at 80%/90% of whichever ends
+first); at most ``defect_share`` of each batch are labelled defects, drawn with replacement,
+so ten defects among 600 normal images are seen in every batch (the official loader draws
+uniformly); ``upscale`` 1 by default (the paper's 2 quadruples the heads' cost).
+
+The threshold stays a stated false-alarm rate on normal images only: `fit_scored` trains
+on all labelled defects and all but a held-out share of the normal images and scores those
+unseen (cross-fitting a network five times is too costly), so no labelled defect enters it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectscope.components.features import flatten_patches
+from defectscope.components.memory import Index
+from defectscope.data.datasets import Record, Sample, batches, iter_samples
+from defectscope.detectors.base import (
+    CNNDetector,
+    NormalScores,
+    Prediction,
+    Progress,
+    check_ratio,
+    holdout_scored,
+    patch_scores_to_maps,
+    register,
+)
+from defectscope.errors import ConfigError
+from defectscope.synthesis.masks import perlin_noise
+
+log = logging.getLogger("defectscope")
+
+PERLIN_SCALES = 6  # 2^0 .. 2^5 lattice cells per axis, as the official generator
+REGIMES = {  # the official configurations: unsupervised (MVTec) and supervised (KSDD2)
+    False: {"perlin_thr": 0.2, "stop_grad": True, "clip_grad": False, "overlap": True},
+    True: {"perlin_thr": 0.6, "stop_grad": False, "clip_grad": True, "overlap": False},
+}
+HOLDOUT = 0.2  # share of normal images `fit_scored` keeps out of training, to score them unseen
+
+
+def focal_loss(p: torch.Tensor, target: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    """Focal loss on probabilities (the official, from DeSTSeg): BCE x (1 - p_t)^gamma, mean."""
+    ce = F.binary_cross_entropy(p, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    return (ce * (1 - p_t) ** gamma).mean()
+
+
+class Heads(nn.Module):
+    """Adaptor, segmentation head and classification head (module docstring)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.adaptor = nn.Conv2d(channels, channels, 1)
+        self.seg = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1), nn.BatchNorm2d(hidden), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1, bias=False)
+        )
+        self.dec = nn.Sequential(nn.Conv2d(channels + 1, 128, 5, padding=2), nn.BatchNorm2d(128), nn.ReLU())
+        self.fc = nn.Linear(128 * 2 + 2, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+
+    def discriminate(self, adapted: torch.Tensor, stop_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(map logits N x h x w, score logits N) from adapted (possibly perturbed) features."""
+        m = self.seg(adapted)
+        m_in = m.detach() if stop_grad else m
+        d = self.dec(torch.cat([adapted, m_in], 1))
+        pooled = torch.cat([d.amax((2, 3)), d.mean((2, 3)), m_in.amax((2, 3)), m_in.mean((2, 3))], 1)
+        return m[:, 0], self.fc(pooled)[:, 0]
+
+
+def perlin_masks(n: int, h: int, w: int, threshold: float, rng: np.random.Generator) -> torch.Tensor:
+    """n binarised Perlin masks n x h x w (made at the next powers of two, resized), half of
+    them emptied (the official "no_anomaly": "empty")."""
+    ph, pw = 1 << (h - 1).bit_length(), 1 << (w - 1).bit_length()
+    out = torch.zeros(n, h, w)
+    for i in range(n):
+        if rng.random() > 0.5:
+            continue
+        res = (2 ** int(rng.integers(0, PERLIN_SCALES)), 2 ** int(rng.integers(0, PERLIN_SCALES)))
+        noise = torch.from_numpy(perlin_noise((ph, pw), res, rng)).float()
+        out[i] = (F.interpolate(noise[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0] > threshold).float()
+    return out
+
+
+LOOKS_NORMAL_ROWS = 50_000  # normal patches a labelled defect is compared with (`warn_if_normal`)
+LOOKS_NORMAL_QUANTILE = 0.9  # of normal images' most unusual patch distances, at or below which a "defect" looks normal
+
+
+def most_unusual(index: Index, feats: torch.Tensor, masks: torch.Tensor, known: torch.Tensor) -> np.ndarray:
+    """Per image, its patches' largest distance to the nearest normal patch: inside the
+    mask where one is known and not empty, over the whole image otherwise."""
+    out = []
+    for f, m, k in zip(feats, masks, known, strict=True):
+        d = index.nearest_distances(flatten_patches(f[None].float())).reshape(m.shape)
+        out.append(float(d[m > 0].max() if k and m.any() else d.max()))
+    return np.array(out)
+
+
+def warn_if_normal(normal: dict[str, torch.Tensor], bad: dict[str, torch.Tensor], records: Sequence[Record], seed: int) -> list[str]:
+    """Name the labelled defects that look like normal parts, with a warning: those whose
+    most unusual patch is no farther from half of the normal images than 90% of the other
+    half's most unusual patches are (a folder of good parts passed as defects, or an
+    outline off its defect). Returns their paths."""
+    feats = normal["feats"]
+    order = np.random.default_rng(seed).permutation(len(feats))
+    half = max(1, len(feats) // 2)
+    bank, held = torch.from_numpy(order[half:] if len(feats) > 1 else order), torch.from_numpy(order[:half])
+    rows = flatten_patches(feats[bank].float())
+    index = Index(rows[torch.from_numpy(np.random.default_rng(seed).permutation(len(rows))[:LOOKS_NORMAL_ROWS])])
+    limit = np.quantile(most_unusual(index, feats[held], normal["masks"][held], normal["known"][held]), LOOKS_NORMAL_QUANTILE)
+    scores = most_unusual(index, bad["feats"], bad["masks"], bad["known"])
+    alike = [str(r.path) for r, v in zip(records, scores, strict=True) if v <= limit]
+    if alike:
+        log.warning(
+            "%d of %d labelled defects look like normal parts (no patch farther from the normal images than most normal images'): %s%s. "
+            "Check that they are defects and their outlines (<name>_mask.png) cover them.",
+            len(alike), len(records), ", ".join(alike[:5]), ", ..." if len(alike) > 5 else "",
+        )
+    return alike
+
+
+def feature_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    """A defect's mask on the feature grid: bilinear downsampling, binarised at 0.5 (DestSeg)."""
+    if mask is None:
+        return torch.zeros(size)
+    small = F.interpolate(mask.float()[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return (small >= 0.5).float()
+
+
+@register
+class SuperSimpleNet(CNNDetector):
+    """SuperSimpleNet on cached frozen features, unsupervised or with labelled defects."""
+
+    name = "supersimplenet"
+    learns_from_defects = True
+    tiling_refusal: ClassVar[str | None] = "it trains on whole network inputs; tiled training is not built"
+
+    def __init__(
+        self,
+        *,
+        upscale: int = 1,
+        patch_size: int = 3,
+        hidden: int = 1024,
+        noise_std: float = 0.015,
+        perlin_thr: float | None = None,
+        stop_grad: bool | None = None,
+        clip_grad: bool | None = None,
+        overlap: bool | None = None,
+        bad: bool = True,
+        steps: int = 1500,
+        budget_s: float | None = None,
+        batch_size: int = 16,
+        defect_share: float = 0.25,
+        adapt_lr: float = 1e-4,
+        head_lr: float = 2e-4,
+        gamma: float = 0.4,
+        margin: float = 0.5,
+        seed: int = 0,
+        preprocess: dict[str, Any] | None = None,
+        **cnn: Any,
+    ) -> None:
+        super().__init__(preprocess={"resize": "squash", **(preprocess or {})}, **cnn)
+        if self.preprocess.resize == "aspect":
+            raise ConfigError("SuperSimpleNet trains on batches of one input size: use --resize squash (default) or letterbox.")
+        if min(upscale, patch_size, hidden, steps, batch_size) < 1 or (budget_s is not None and budget_s <= 0):
+            raise ConfigError("SuperSimpleNet's upscale, patch_size, hidden, steps, batch_size and budget_s must be positive.")
+        self.upscale, self.patch_size, self.hidden, self.noise_std = upscale, patch_size, hidden, noise_std
+        self.perlin_thr, self.stop_grad, self.clip_grad, self.overlap, self.bad = perlin_thr, stop_grad, clip_grad, overlap, bad
+        self.steps, self.budget_s, self.batch_size = steps, budget_s, batch_size
+        self.defect_share = check_ratio("defect_share", defect_share)
+        self.adapt_lr, self.head_lr, self.gamma, self.margin, self.seed = adapt_lr, head_lr, gamma, margin, seed
+        self.defects: list[Record] = []
+        self.heads: Heads | None = None
+        self.losses: list[float] = []
+        self.regime: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+
+    def config(self) -> dict[str, Any]:
+        keys = (
+            "upscale", "patch_size", "hidden", "noise_std", "perlin_thr", "stop_grad", "clip_grad", "overlap", "bad", "steps",
+            "budget_s", "batch_size", "defect_share", "adapt_lr", "head_lr", "gamma", "margin", "seed",
+        )
+        return {**self.base_config(), **{k: getattr(self, k) for k in keys}}
+
+    def use_defects(self, records: Sequence[Record]) -> None:
+        """Train on these defective images too (``mask_path`` where an outline exists)."""
+        self.defects = [Record(r.path, 1, r.defect, r.mask_path) for r in records]
+
+    def resolved(self, supervised: bool) -> dict[str, Any]:
+        """The regime's settings: the official configuration's, under the user's own."""
+        given = {k: getattr(self, k) for k in REGIMES[supervised]}
+        return {k: REGIMES[supervised][k] if v is None else v for k, v in given.items()}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """F: the stages upscaled to ``upscale`` x the finest grid, p x p averaged."""
+        maps = self.backbone(x)
+        h, w = maps[0].shape[-2:]
+        size = (h * self.upscale, w * self.upscale)
+        fused = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps], 1)
+        return F.avg_pool2d(fused, self.patch_size, stride=1, padding=self.patch_size // 2)
+
+    def _cache(self, samples: Iterable[Sample], label: int, progress: Progress | None, stage: str) -> dict[str, torch.Tensor]:
+        """Features (float16), masks on the feature grid, whether each mask is known, labels."""
+        feats, masks, known, n = [], [], [], 0
+        for batch in batches(iter(samples), self.batch_size):
+            with torch.no_grad():
+                f = self.features(torch.stack([s.image for s in batch]))
+            feats.append(f.half())
+            masks.extend(feature_mask(s.mask, tuple(f.shape[-2:])) for s in batch)
+            known.extend(label == 0 or s.mask is not None for s in batch)
+            n += len(batch)
+            if progress:
+                progress(stage, n, 0)
+        if not feats:
+            return {}
+        return {
+            "feats": torch.cat(feats), "masks": torch.stack(masks), "known": torch.tensor(known),
+            "labels": torch.full((n,), float(label)),
+        }
+
+    def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
+        if images is None:
+            raise ConfigError("SuperSimpleNet needs normal training images.")
+        t0 = time.perf_counter()
+        normal = self._cache(images, 0, progress, "features")
+        if not normal:
+            raise ConfigError("SuperSimpleNet got no training images; check the training folder.")
+        bad = self._cache(iter_samples(self.defects, self.preprocess), 1, progress, "defect features") if self.defects else {}
+        if bad and bad["feats"].shape[-2:] != normal["feats"].shape[-2:]:
+            raise ConfigError("The labelled defects reached another network input size than the normal images; fit with --resize squash.")
+        self.regime = self.resolved(bool(bad))
+        if bad:
+            warn_if_normal(normal, bad, self.defects, self.seed)
+        t1 = time.perf_counter()
+        self._train(normal, bad, progress)
+        self.timings = {
+            "features_s": round(t1 - t0, 1), "train_s": round(time.perf_counter() - t1, 1),
+            "images": float(len(normal["feats"])), "defects": float(len(bad.get("feats", []))),
+            "defects_with_masks": float(bad["known"].sum()) if bad else 0.0,
+        }
+        return self
+
+    def _batch(self, normal: dict[str, torch.Tensor], bad: dict[str, torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
+        """(features, masks, mask known, labels) of one training batch."""
+        n_bad = min(round(self.batch_size * self.defect_share), self.batch_size - 1) if bad else 0
+        picks = [(normal, torch.randint(len(normal["feats"]), (self.batch_size - n_bad,), generator=g))]
+        if n_bad:
+            picks.append((bad, torch.randint(len(bad["feats"]), (n_bad,), generator=g)))
+        return [torch.cat([src[key][idx] for src, idx in picks]) for key in ("feats", "masks", "known", "labels")]
+
+    def _train(self, normal: dict[str, torch.Tensor], bad: dict[str, torch.Tensor], progress: Progress | None) -> None:
+        torch.manual_seed(self.seed)
+        g, rng = torch.Generator().manual_seed(self.seed), np.random.default_rng(self.seed)
+        heads = Heads(normal["feats"].shape[1], self.hidden)
+        optimizer = torch.optim.AdamW([
+            {"params": heads.adaptor.parameters(), "lr": self.adapt_lr},
+            {"params": heads.seg.parameters(), "lr": self.head_lr, "weight_decay": 1e-5},
+            {"params": [*heads.dec.parameters(), *heads.fc.parameters()], "lr": self.head_lr, "weight_decay": 1e-5},
+        ])
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        r = self.regime
+        self.losses = []
+        heads.train()
+        start = time.perf_counter()
+        for step in range(self.steps):
+            done = max(step / self.steps, (time.perf_counter() - start) / self.budget_s if self.budget_s else 0.0)
+            if done >= 1:
+                break
+            for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = lr * self.gamma ** ((done >= 0.8) + (done >= 0.9))
+            loss = self._loss(heads, *self._batch(normal, bad, g), rng, r)
+            optimizer.zero_grad()
+            loss.backward()
+            if r["clip_grad"]:
+                nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+            optimizer.step()
+            self.losses.append(loss.item())
+            if progress:
+                progress(f"train loss {self.losses[-1]:.4f}", step + 1, self.steps)
+        self.heads = heads.eval()
+
+    def _loss(
+        self, heads: Heads, feats: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, labels: torch.Tensor,
+        rng: np.random.Generator, r: dict[str, Any],
+    ) -> torch.Tensor:
+        """The duplicated batch with feature-space anomalies, and the three losses."""
+        adapted = heads.adaptor(torch.cat([feats, feats]).float())
+        masks, known, labels = torch.cat([masks, masks]), torch.cat([known, known]), torch.cat([labels, labels])
+        b, _, h, w = adapted.shape
+        where = perlin_masks(b, h, w, r["perlin_thr"], rng)
+        if not self.bad:
+            where = where * (1 - labels)[:, None, None]
+        if not r["overlap"]:
+            where = where * (1 - masks)
+        noise = torch.randn(adapted.shape) * self.noise_std
+        perturbed = adapted + noise * where[:, None]
+        masks = ((masks + where) > 0).float()
+        labels = ((labels + masks.flatten(1).amax(1)) > 0).float()
+        amap, score = heads.discriminate(perturbed, r["stop_grad"])
+        loss = focal_loss(torch.sigmoid(score), labels)
+        if known.any():
+            m, t = amap[known], masks[known]
+            normal_px, anomalous_px = m[t == 0], m[t > 0]
+            if normal_px.numel():
+                loss = loss + (normal_px + self.margin).clamp(min=0).mean()
+            if anomalous_px.numel():
+                loss = loss + (-anomalous_px + self.margin).clamp(min=0).mean()
+            loss = loss + focal_loss(torch.sigmoid(m), t)
+        return loss
+
+    def _heads(self) -> Heads:
+        if self.heads is None:
+            raise ConfigError("This SuperSimpleNet model is not fitted; run fit first.")
+        return self.heads
+
+    @torch.no_grad()
+    def predict(self, batch: torch.Tensor) -> Prediction:
+        heads = self._heads()
+        amap, score = heads.discriminate(heads.adaptor(self.features(batch)), stop_grad=False)
+        return Prediction(F.softplus(score), F.softplus(patch_scores_to_maps(amap, tuple(batch.shape[-2:]), self.sigma)))
+
+    def fit_scored(
+        self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
+    ) -> NormalScores | None:
+        """Train once on the labelled defects and all but HOLDOUT of the normal images, and
+        score those unseen: the threshold comes from normal images the model never saw."""
+        return holdout_scored(self, records, HOLDOUT, seed, progress)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        heads = {f"heads.{k}": v for k, v in self._heads().state_dict().items()}
+        regime = torch.tensor([float(self.regime[k]) for k in REGIMES[False]])
+        return {**heads, "losses": torch.tensor(self.losses, dtype=torch.float32), "regime": regime}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        channels = state["heads.adaptor.weight"].shape[0]
+        self.heads = Heads(channels, state["heads.seg.0.weight"].shape[0])
+        self.heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")}, strict=True)
+        self.heads.eval()
+        self.losses = state["losses"].tolist()
+        values = state["regime"].tolist()
+        self.regime = {k: (v if k == "perlin_thr" else bool(v)) for k, v in zip(REGIMES[False], values, strict=True)}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {**super().info, "train_steps": len(self.losses), "regime": self.regime, **self.timings}
+
+    def training_curve(self) -> tuple[list[float], str] | None:
+        supervised = "with labelled defects" if self.timings.get("defects") else "unsupervised"
+        return self.losses, f"SuperSimpleNet ({supervised}): loss per step (focal map + focal score + truncated L1)"
+
