@@ -10,8 +10,10 @@ are built before the clock (a 3-image evaluate), as on a line that has run befor
 Rows: magnetic_tile, battery_weld and bsdata at the default input (long side 256), and
 bsdata tiled at the camera's scale (scale 1, tile 512) on a seeded subset (``--tiled-train``
 training images, ``--tiled-test`` test images) because a full tiled fit takes tens of
-minutes per runtime. Optional INT8 (``--int8``): the backbone's OpenVINO graph quantised
-with NNCF on 64 training images, features timed and the model's metrics measured.
+minutes per runtime. Optional INT8 (``--int8``; needs ``pip install nncf``): the backbone's
+OpenVINO graph quantised with NNCF on 64 training images, features timed and the model's
+metrics measured. It is a measurement, not a model option: see the closing note of the
+fast-runtime issue and docs/benchmarks.md for why it is not offered.
 
 The coreset at 10% on magnetic_tile's 497k rows (``--coreset``): seconds and covering
 radius (also in benchmarks/coreset.py's terms).

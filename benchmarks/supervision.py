@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,12 @@ def main() -> None:
     ap.add_argument("--regimes", default="masks,labels")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--budget-s", type=float, default=600)
+    ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
     ks, seeds, regimes = [int(k) for k in args.ks.split(",")], [int(s) for s in args.seeds.split(",")], args.regimes.split(",")
-    ssn = {"steps": args.steps, "budget_s": args.budget_s}
-    print(f"SuperSimpleNet: {args.steps} steps or {args.budget_s:g} s; threshold at a stated 1% false-alarm rate on normal images\n")
+    ssn = {"steps": args.steps, "budget_s": args.budget_s, "batch_size": args.batch_size}
+    print(f"SuperSimpleNet: {args.steps} steps of batch {args.batch_size} or {args.budget_s:g} s; "
+          "threshold at a stated 1% false-alarm rate on normal images\n")
     print("| data | model | K | seeds | image AUROC | pixel AUROC | AUPRO | TPR@FPR1% | recall at thr | false alarms at thr | train min |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
@@ -69,7 +72,7 @@ def main() -> None:
         t0 = time.perf_counter()
         full = evaluate(patchcore, ds, false_alarm_rate=0.01)
         pc_fit = time.perf_counter() - t0
-        threshold = Threshold.from_dict(full.threshold)
+        threshold = Threshold(**{f.name: full.threshold[f.name] for f in fields(Threshold)})
         for k in ks:
             runs: dict[str, list[dict[str, float]]] = {}
             for regime in regimes if k else ["unsupervised"]:

@@ -397,3 +397,25 @@ def test_review_page_logs_in_off_loopback_without_a_token_in_the_url(model: Path
             assert TOKEN not in page.url and page.evaluate("document.cookie") == ""  # HttpOnly: the page cannot read it
         finally:
             browser.close()
+
+
+def test_outlines_and_retraining_refuse_what_they_cannot_use(station: Station, battery: Path) -> None:
+    """An outline needs a confirmed defect; retraining needs confirmed defects and normal images."""
+    client = local(create_app(station))
+    image = sorted((battery / "test/defective").iterdir())[0]
+    rid = client.post("/v1/predict", files={"files": (image.name, image.read_bytes(), "image/png")}).json()["results"][0]["id"]
+    assert client.post("/v1/retrain").status_code == 409  # nothing confirmed yet
+    assert client.post(f"/v1/results/{rid}/outline", json={"boxes": [[1, 1, 9, 9]]}).status_code == 409  # not confirmed
+    client.post("/v1/feedback", json={"id": rid, "label": "defect"})
+    assert client.post(f"/v1/results/{rid}/outline", json={"polygons": [[[1, 1], [2, 2]]]}).status_code == 409
+    assert client.post(f"/v1/results/{rid}/outline", json={"boxes": "everything"}).status_code == 422
+    assert client.post("/v1/results/nope/outline", json={"boxes": []}).status_code == 404
+    assert client.post(f"/v1/results/{rid}/outline", json={"boxes": [[1, 1, 9, 9]]}).json()["outlined"] is True
+    assert (station.store.root / "outlines" / f"{rid}.png").is_file()
+    assert client.post("/v1/retrain").status_code == 202  # the model records no normal images: the reason comes back
+    for _ in range(200):
+        state = client.get("/v1/retrain").json()
+        if state["state"] != "running":
+            break
+        time.sleep(0.05)
+    assert state["state"] == "failed" and "--retrain-normals" in state["error"]

@@ -34,6 +34,7 @@ from defectscope.evaluation.report import html_report
 from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.modelfiles.export import export_model
 from defectscope.modelfiles.runtimes import ExportedModel
+from defectscope.serve.retrain import TRAINED_ON
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects in images of parts.")
 console = Console(stderr=True, soft_wrap=True)  # paths in messages stay on one line
@@ -100,6 +101,17 @@ def _option_value(method: str | None, key: str, value: str) -> Any:
     )
 
 
+def _options(options: list[str] | None, method: str | None) -> dict[str, Any]:
+    """--set KEY=VALUE items as method options (`_option_value`)."""
+    config: dict[str, Any] = {}
+    for item in options or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DefectscopeError(f"--set expects KEY=VALUE, got {item!r}.")
+        config[key] = _option_value(method, key, value)
+    return config
+
+
 def _config(
     size: int, resize: str | None, options: list[str] | None, class_name: str | None = None,
     tiling: tuple[int | None, float | None, float | None] = (None, None, None), method: str | None = None,
@@ -107,12 +119,7 @@ def _config(
     config: dict[str, Any] = {"preprocess": _preprocess(size, resize, *tiling)}
     if class_name is not None:
         config["class_name"] = class_name
-    for item in options or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DefectscopeError(f"--set expects KEY=VALUE, got {item!r}.")
-        config[key] = _option_value(method, key, value)
-    return config
+    return config | _options(options, method)
 
 
 @contextmanager
@@ -194,7 +201,8 @@ def fit(
                 detector, records, false_alarm_rate=false_alarm_rate, holdout=holdout, validation=validation,
                 test_of=data, force=force, defects=defects, progress=report,
             )
-        save_detector(fitted.detector, output, extra=fitted.extra(), overwrite=overwrite)
+        recorded = {**fitted.extra(), TRAINED_ON: str(data.resolve())}  # where `retrain` finds the normal images again
+        save_detector(fitted.detector, output, extra=recorded, overwrite=overwrite)
         thr = fitted.threshold
         console.print(f"wrote [bold]{output}[/]" + (f"; threshold {thr.value:.4g} ({thr.method})" if thr else ""))
         curve = fitted.detector.training_curve()
@@ -551,6 +559,8 @@ def serve(
     max_store_gb: Annotated[Optional[float], typer.Option(help="Delete the oldest images while the store is larger than this.")] = None,  # noqa: UP045
     keep_versions: Annotated[int, typer.Option(help="Model versions written by the station kept on disk (pinned ones always are).")] = 10,
     keep_in_memory: Annotated[int, typer.Option(help="Model versions kept loaded (the served one included).")] = 3,
+    retrain_set: Annotated[Optional[list[str]], typer.Option("--retrain-set", help="Method option KEY=VALUE for the page's retraining, e.g. --retrain-set budget_s=600.")] = None,  # noqa: UP045
+    retrain_normals: Annotated[Optional[Path], typer.Option(help="Normal images for the page's retraining (default: the folder the model records).")] = None,  # noqa: UP045
     runtime: Runtime = "auto",
 ) -> None:
     """Serve a model: HTTP API, review page at /, results store, optional folder watching."""
@@ -568,7 +578,10 @@ def serve(
         access = Access.for_bind(host, token, read_token, allowed_host or ())
         limits = Limits(max_request_mb=max_request_mb, rate=rate_limit)
         retention = Retention(keep_days, max_store_gb, keep_versions)
-        station = Station(model, SQLiteStore(store), retention=retention, keep_in_memory=keep_in_memory)
+        station = Station(
+            model, SQLiteStore(store), retention=retention, keep_in_memory=keep_in_memory,
+            retrain_options=_options(retrain_set, "supersimplenet"), retrain_normals=retrain_normals,
+        )
         watcher = FolderWatcher(station, watch) if watch is not None else None
         web = create_app(station, access=access, limits=limits, watcher=watcher)
         if watcher:
@@ -581,6 +594,40 @@ def serve(
             if watcher:
                 watcher.stop()
             station.close()
+
+    _run(job)
+
+
+@app.command()
+def retrain(
+    store: Annotated[Path, typer.Argument(help="The station's store folder (its reviews, images and outlines).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The new model file (nothing is overwritten).")],
+    model: Annotated[Optional[Path], typer.Option(help="The model to start from (default: the station's newest version).")] = None,  # noqa: UP045
+    normals: Annotated[Optional[Path], typer.Option(help="The normal training images (default: the folder the model records).")] = None,  # noqa: UP045
+    options: Options = None,
+    runtime: Runtime = "auto",
+) -> None:
+    """Fit a new model version from the normal images, the images reviewed as good parts and
+    the confirmed defects (with their outlines) of a station's store."""
+    from defectscope.serve.retrain import retrain as retrain_from
+    from defectscope.serve.store import SQLiteStore
+
+    def job() -> None:
+        set_default_runtime(runtime)
+        if output.exists():
+            raise DefectscopeError(f"{output} already exists; choose a new name (model versions are never overwritten).")
+        if not (store / "results.sqlite3").is_file():
+            raise DefectscopeError(f"{store} is not a station store (no results.sqlite3); pass the folder given to `serve --store`.")
+        results = SQLiteStore(store)
+        start = model or (Path(results.versions()[-1].path) if results.versions() else None)
+        if start is None:
+            raise DefectscopeError(f"{store} records no model version; pass --model.")
+        with _progress() as report:
+            fitted, summary = retrain_from(results, start, normals=normals, options=_options(options, "supersimplenet"), progress=report)
+        source = normals or read_manifest(start).get("extra", {}).get(TRAINED_ON)
+        save_detector(fitted.detector, output, extra={**fitted.extra(), TRAINED_ON: str(source), "parent": read_manifest(start)["sha256"][:12]})
+        console.print(f"wrote [bold]{output}[/] ({summary['method']}: {summary['normal_images']} normal images, "
+                      f"{summary['reviewed_defects']} reviewed defects, {summary['outlined']} outlined)")
 
     _run(job)
 

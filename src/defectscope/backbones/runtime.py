@@ -109,20 +109,24 @@ def installed(runtime: str) -> bool:
     return runtime == "torch" or importlib.util.find_spec(PACKAGES[runtime]) is not None
 
 
-def graph_key(module: nn.Module, size: tuple[int, int] | None, *extra: str) -> str:
-    """Content key of a backbone's graph at ``size`` (None: any size), plus runtime-specific parts."""
+def graph_key(module: nn.Module, size: tuple[int, int] | None) -> str:
+    """Content key of a backbone's graph at ``size`` (None: any size), traced by this torch."""
     parts = {
         "format": GRAPH_FORMAT, "backbone": module.name, "stages": list(getattr(module, "stages", ())),
         "weights": module.weights_hash, "size": None if size is None else list(size), "torch": torch.__version__,
-        "extra": list(extra),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` to a temporary name beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot write the graph cache in {path.parent} ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder."
+        ) from exc
     os.close(fd)
     try:
         write(Path(tmp))

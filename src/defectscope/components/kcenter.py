@@ -32,7 +32,9 @@ Why compiled: the loop takes tens of thousands of small steps, and in Python eac
 about 100 microseconds of interpreter and dispatch, which made large cells (4k rows) the
 only affordable choice; compiled, 512-row cells that stay in the core's cache are best
 (magnetic_tile's 497k patches: 18 s before, 6 s now; benchmarks/coreset.py). Single
-threaded, so it neither starts nor competes with a thread pool of its own.
+threaded, so it neither starts nor competes with a thread pool of its own; it releases
+the GIL (``nogil``), so independent selections (PatchCore's cross-fitting folds) run on
+separate cores from Python threads.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _sqdist(a: np.ndarray, b: np.ndarray) -> np.float32:
     return s
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _lead_sqdist(a: np.ndarray, lead: np.ndarray, k: int, out: np.ndarray) -> None:
     """out[c] = squared distance from ``a`` to centre c over the leading columns only, for
     c < k: a lower bound on the full distance, vectorised across centres (``lead`` holds
@@ -66,7 +68,7 @@ def _lead_sqdist(a: np.ndarray, lead: np.ndarray, k: int, out: np.ndarray) -> No
             out[c] += t * t
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _refresh(min_d: np.ndarray, lo: int, hi: int, j: int, top: np.ndarray, top_at: np.ndarray) -> None:
     """The cell's largest bound and its row."""
     at = lo
@@ -76,7 +78,7 @@ def _refresh(min_d: np.ndarray, lo: int, hi: int, j: int, top: np.ndarray, top_a
     top[j], top_at[j] = min_d[at], at
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _apply(
     xs: np.ndarray, offsets: np.ndarray, j: int, centres: np.ndarray, which: np.ndarray, m: int,
     min_d: np.ndarray, top: np.ndarray, top_at: np.ndarray,
@@ -93,7 +95,7 @@ def _apply(
     _refresh(min_d, lo, hi, j, top, top_at)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def start(xs: np.ndarray, offsets: np.ndarray, first: int, min_d: np.ndarray, top: np.ndarray, top_at: np.ndarray) -> None:
     """Bounds from the first centre for every row (exact), and each cell's top row."""
     for r in range(xs.shape[0]):
@@ -113,7 +115,7 @@ def _mark_applied(applied: np.ndarray, j: int, c: int) -> None:
     applied[j, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def advance(
     xs: np.ndarray,
     offsets: np.ndarray,

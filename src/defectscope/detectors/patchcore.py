@@ -20,8 +20,10 @@ approximate search comes).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, ClassVar, Self
@@ -47,6 +49,7 @@ from defectscope.detectors.base import (
 )
 from defectscope.errors import ConfigError
 
+CROSS_FIT_THREADS = 2  # folds whose coresets are selected at once (the selection loop is single-threaded)
 RADIUS_SAMPLE = 16384  # training patches on which the coreset's covering radius is measured
 # How the training images' own scores (behind the threshold) are made with a coreset:
 # "cross-fit" re-selects the coreset per fold; "leave-one-out" drops the image's entries
@@ -264,16 +267,22 @@ class PatchCore(CNNDetector):
             how = f"{k}-fold cross-fitting, coreset selected again per fold"
             fold = torch.as_tensor(fold_of(n_images, k, seed))
             row_fold = fold[owner]
-            for f in range(k):
+
+            def cross_fit(f: int) -> list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
                 rows = bank[row_fold != f]
                 chosen = greedy_coreset(rows, min(keep.numel(), rows.shape[0]), proj_dim=self.proj_dim, seed=self.seed)
                 sub = rows[chosen]
                 index = Index(sub, self.knn_backend)
-                for i in torch.nonzero(fold == f).flatten().tolist():
-                    parts.append(self._held_out(by_image[i], sub, index, bank, starts, grids))
-                    order.append(i)
-                if progress:
-                    progress("cross-fit", f + 1, k)
+                return [(i, self._held_out(by_image[i], sub, index, bank, starts, grids)) for i in torch.nonzero(fold == f).flatten().tolist()]
+
+            # The folds are independent and the coreset's loop holds one core: two at a time on two cores.
+            with ThreadPoolExecutor(max_workers=max(1, min(k, os.cpu_count() or 1, CROSS_FIT_THREADS))) as pool:
+                for f, scored in enumerate(pool.map(cross_fit, range(k))):
+                    for i, part in scored:
+                        parts.append(part)
+                        order.append(i)
+                    if progress:
+                        progress("cross-fit", f + 1, k)
         self.timings["normal_scores_s"] = time.perf_counter() - t0
         return NormalScores.collect(parts, order, how) if len(order) >= 2 else None
 

@@ -33,7 +33,7 @@ from defectscope.decision.explain import stored_finding
 from defectscope.errors import ConfigError, DefectscopeError
 from defectscope.serve.access import COOKIE, Access, Role, needed_role, same_origin, token_in_url
 from defectscope.serve.limits import MB, BodyLimit, RateLimit, reply
-from defectscope.serve.station import MAX_UPLOAD_BYTES, Station, UploadError
+from defectscope.serve.station import MAX_UPLOAD_BYTES, Station, UploadError, without_paths
 from defectscope.serve.store import Result
 from defectscope.serve.watch import FolderWatcher
 
@@ -71,6 +71,13 @@ class ThresholdRequest(BaseModel):
 
     value: float | None = Field(default=None, description="Score at or above which a part is defective.")
     f1_from_reviews: bool = Field(default=False, description="F1-optimal on reviewed images, re-scored by the current model.")
+
+
+class Outline(BaseModel):
+    """Where the defect is in a confirmed defect's image, in its pixels: the mask it trains with."""
+
+    boxes: list[tuple[float, float, float, float]] = Field(default_factory=list, max_length=256, description="[x0, y0, x1, y1] each.")
+    polygons: list[list[tuple[float, float]]] = Field(default_factory=list, max_length=64, description="[[x, y], ...] each.")
 
 
 class ModelSwitch(BaseModel):
@@ -278,6 +285,26 @@ def create_app(
         except DefectscopeError as exc:
             raise HTTPException(409, str(exc)) from exc
         return {"result": result_json(result), "model_update": change, "model_version": station.current.version}
+
+    @app.post("/v1/results/{result_id}/outline", summary="Outline a confirmed defect (boxes, polygons in image pixels) for retraining")
+    async def outline(result_id: str, body: Outline) -> dict[str, Any]:
+        try:
+            return await asyncio.to_thread(station.outline, result_id, body.model_dump())
+        except KeyError:
+            raise HTTPException(404, f"No result with id {result_id!r}.") from None
+        except DefectscopeError as exc:
+            raise HTTPException(409, str(exc)) from exc
+
+    @app.post("/v1/retrain", status_code=202, summary="Retrain from the reviews in the background (a new model version)")
+    async def start_retrain() -> dict[str, Any]:
+        try:
+            return station.start_retrain()
+        except DefectscopeError as exc:
+            raise HTTPException(409, str(exc)) from exc
+
+    @app.get("/v1/retrain", summary="How the retraining goes: idle, running (stage, steps), done (version) or failed (why)")
+    async def retrain_state() -> dict[str, Any]:
+        return without_paths(station.retraining)
 
     @app.post("/v1/threshold", summary="Set the threshold (a new model version)")
     async def threshold(body: ThresholdRequest) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from defectscope.errors import ConfigError
-from defectscope.serve.store import Result, ResultStore
+from defectscope.serve.store import Result, ResultStore, outline_name
 
 log = logging.getLogger("defectscope")
 GB = 2**30
@@ -85,7 +85,8 @@ def purge_images(store: ResultStore, rule: Retention, *, now: float | None = Non
 
 
 def _files(store: ResultStore, r: Result) -> list[Path]:
-    return [store.root / name for name in dict.fromkeys((r.image_file, r.heatmap_file))]
+    """An image, its heatmap and its outline (where one was drawn)."""
+    return [store.root / name for name in dict.fromkeys((r.image_file, r.heatmap_file, outline_name(r.id)))]
 
 
 def _bytes(store: ResultStore, r: Result) -> int:
@@ -93,7 +94,7 @@ def _bytes(store: ResultStore, r: Result) -> int:
 
 
 def _delete(store: ResultStore, results: list[Result]) -> None:
-    """Delete these results' image and heatmap files and mark them purged (rows kept)."""
+    """Delete these results' image, heatmap and outline files and mark them purged (rows kept)."""
     for r in results:
         for path in _files(store, r):
             path.unlink(missing_ok=True)

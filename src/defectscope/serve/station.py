@@ -35,6 +35,7 @@ from defectscope.errors import ConfigError, DataError, DefectscopeError
 from defectscope.evaluation.report import overlay
 from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.serve.retention import GB, Retention, prune_versions, purge_images
+from defectscope.serve.retrain import TRAINED_ON, retrain, reviewed_records, save_outline
 from defectscope.serve.store import Result, SQLiteStore, Version, new_id
 
 log = logging.getLogger("defectscope")
@@ -206,7 +207,11 @@ class Station:
         retention: Retention | None = None,
         keep_in_memory: int = 3,
         sweep_s: float = 60.0,
+        retrain_options: dict[str, Any] | None = None,
+        retrain_normals: str | Path | None = None,
     ) -> None:
+        """``retrain_options``: method options for `start_retrain` (e.g. a training budget);
+        ``retrain_normals``: its normal images when the model does not record them."""
         if keep_in_memory < 1:
             raise ConfigError(f"keep_in_memory must be at least 1, got {keep_in_memory}.")
         self.store, self.retention, self.keep_in_memory = store, retention or Retention(), keep_in_memory
@@ -229,6 +234,9 @@ class Station:
         self._closing, self._wake, self._written = threading.Event(), threading.Event(), 0
         self._sweeper = threading.Thread(target=self._sweep_every, args=(sweep_s,), name="defectscope-retention", daemon=True)
         self._sweeper.start()
+        self.retrain_options, self.retrain_normals = retrain_options or {}, retrain_normals
+        self.retraining: dict[str, Any] = {"state": "idle"}
+        self._retrainer: threading.Thread | None = None
 
     def close(self) -> None:
         self._closing.set()
@@ -420,6 +428,45 @@ class Station:
             new, version = self._write_version(detector, {**self.current.extra, "threshold": thr.to_dict()}, thr.method)
             self._commit(new, lambda: self.store.add_version(version))
             return new
+
+    def outline(self, result_id: str, shapes: dict[str, list[Any]]) -> dict[str, Any]:
+        """Keep an inspector's outline of a confirmed defect (boxes and polygons in the
+        image's pixels) as its mask for retraining; an empty outline removes it."""
+        known = self.store.get(result_id)
+        if known is None:
+            raise KeyError(result_id)
+        if known.review != "defect":
+            raise ConfigError(f"Result {result_id} is not a confirmed defect; confirm it before outlining the defect.")
+        return {"id": result_id, "outlined": save_outline(self.store, known, shapes).is_file()}
+
+    def start_retrain(self) -> dict[str, Any]:
+        """Fit a new version from the normal images, the reviewed good parts and the reviewed
+        defects (`serve.retrain`) in the background; `retraining` says how it goes."""
+        with self._update:
+            if self._retrainer is not None and self._retrainer.is_alive():
+                raise ConfigError("A retraining is already running; wait for it to finish.")
+            if not reviewed_records(self.store)[1]:
+                raise ConfigError("No confirmed defects to learn from yet; confirm defects on the review page first.")
+            self.retraining = {"state": "running", "stage": "starting", "started": time.time()}
+            self._retrainer = threading.Thread(target=self._retrain, args=(self.retrain_normals,), name="defectscope-retrain", daemon=True)
+            self._retrainer.start()
+            return dict(self.retraining)
+
+    def _retrain(self, normals: str | Path | None) -> None:
+        def report(stage: str, done: int, total: int) -> None:
+            self.retraining.update(stage=stage, done=done, total=total)
+
+        try:
+            fitted, summary = retrain(self.store, self.current.path, normals=normals, options=self.retrain_options, progress=report)
+            source = normals or self.current.extra.get(TRAINED_ON)
+            note = f"retrained with {summary['reviewed_defects']} reviewed defects ({summary['outlined']} outlined)"
+            with self._update:
+                new, version = self._write_version(fitted.detector, {**fitted.extra(), TRAINED_ON: str(source)}, note)
+                self._commit(new, lambda: self.store.add_version(version))
+            self.retraining = {"state": "done", "version": new.version, **summary, "finished": time.time()}
+        except Exception as exc:  # noqa: BLE001 - any failure is reported to the page; the served model is untouched
+            log.warning("Retraining failed: %s", exc)
+            self.retraining = {"state": "failed", "error": str(exc), "finished": time.time()}
 
     def sweep(self) -> dict[str, Any]:
         """Apply the retention rule now: delete old images and surplus model versions."""

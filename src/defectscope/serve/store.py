@@ -94,6 +94,11 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def outline_name(result_id: str) -> str:
+    """Where a reviewed defect's outline (its mask, drawn on the review page) is kept, in the store."""
+    return f"outlines/{result_id}.png"
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     id TEXT PRIMARY KEY, created REAL NOT NULL, source TEXT NOT NULL,

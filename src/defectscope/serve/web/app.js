@@ -3,6 +3,8 @@
 "use strict";
 
 const state = { filter: "", selected: null, threshold: null, scores: [], model: null };
+// An outline being drawn on the original image: boxes in the image's own pixels.
+const outline = { drawing: false, boxes: [], start: null, of: null };
 const $ = (id) => document.getElementById(id);
 // Off loopback the station's session cookie (set by /login, HttpOnly) carries the access;
 // this page never sees, stores or sends a token itself.
@@ -82,6 +84,9 @@ async function select(id) {
   heat.onload = () => drawBoxes(r);
   heat.src = r.heatmap_url;
   $("review-state").textContent = r.review ? `reviewed: ${r.review}` : "not reviewed";
+  if (outline.of !== id) stopOutline();  // an outline belongs to the result it was drawn on
+  outline.of = id;
+  $("btn-outline").disabled = r.review !== "defect";
   $("ask-answer").textContent = "";
   for (const li of $("queue").children) li.className = li.dataset.id === id ? "selected" : "";
 }
@@ -125,6 +130,81 @@ async function upload(files) {
     await select(out.results[0].id);
   } catch (err) {
     say(`Upload refused: ${err.message}`, true);
+  }
+}
+
+function toImage(e) {
+  const img = $("detail-image"), box = img.getBoundingClientRect();
+  const x = Math.min(Math.max(e.clientX - box.left, 0), box.width), y = Math.min(Math.max(e.clientY - box.top, 0), box.height);
+  return [x * img.naturalWidth / box.width, y * img.naturalHeight / box.height];
+}
+
+function drawOutline() {
+  const img = $("detail-image"), layer = $("outline-boxes");
+  const sx = img.clientWidth / img.naturalWidth, sy = img.clientHeight / img.naturalHeight;
+  layer.replaceChildren(...outline.boxes.map(([x0, y0, x1, y1]) => {
+    const b = document.createElement("div");
+    b.className = "outline-box";
+    Object.assign(b.style, {
+      left: `${Math.min(x0, x1) * sx}px`, top: `${Math.min(y0, y1) * sy}px`,
+      width: `${Math.abs(x1 - x0) * sx}px`, height: `${Math.abs(y1 - y0) * sy}px`,
+    });
+    return b;
+  }));
+  $("outline-state").textContent = outline.drawing ? `${outline.boxes.length} box(es): drag over the defect` : "";
+}
+
+function startOutline() {
+  outline.drawing = true;
+  outline.boxes = [];
+  $("btn-save-outline").hidden = $("btn-clear-outline").hidden = false;
+  drawOutline();
+}
+
+function stopOutline() {
+  outline.drawing = false;
+  outline.boxes = [];
+  outline.start = null;
+  $("btn-save-outline").hidden = $("btn-clear-outline").hidden = true;
+  drawOutline();
+}
+
+async function saveOutline() {
+  try {
+    const out = await api(`/v1/results/${state.selected}/outline`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ boxes: outline.boxes }),
+    });
+    say(out.outlined ? "Outline saved: the next retraining learns where this defect is." : "Outline removed.");
+    stopOutline();
+  } catch (err) {
+    say(`Outline not saved: ${err.message}`, true);
+  }
+}
+
+async function pollRetrain() {
+  const r = await api("/v1/retrain");
+  const line = {
+    idle: "",
+    running: `running: ${r.stage ?? ""} ${r.total ? `${r.done}/${r.total}` : r.done ?? ""}`,
+    done: `done: model ${r.version} (${r.reviewed_defects} reviewed defects, ${r.outlined} outlined)`,
+    failed: `failed: ${r.error}`,
+  }[r.state];
+  $("retrain-state").textContent = line;
+  if (r.state === "running") {
+    setTimeout(() => pollRetrain().catch(() => {}), 1000);
+  } else if (r.state === "done") {
+    await refresh();
+  }
+  return r;
+}
+
+async function startRetrain() {
+  try {
+    await api("/v1/retrain", { method: "POST" });
+    say("Retraining from the reviews in the background; the page shows the new version when it is ready.");
+    await pollRetrain();
+  } catch (err) {
+    say(`Retraining not started: ${err.message}`, true);
   }
 }
 
@@ -208,6 +288,23 @@ function wire() {
   $("btn-good").addEventListener("click", () => review("normal"));
   $("btn-defect").addEventListener("click", () => review("defect"));
   $("slider").addEventListener("input", showSlider);
+  $("btn-outline").addEventListener("click", startOutline);
+  $("btn-save-outline").addEventListener("click", saveOutline);
+  $("btn-clear-outline").addEventListener("click", () => { outline.boxes = []; drawOutline(); });
+  $("btn-retrain").addEventListener("click", startRetrain);
+  const area = $("outline-area");
+  area.addEventListener("mousedown", (e) => {
+    if (!outline.drawing) return;
+    e.preventDefault();
+    outline.start = toImage(e);
+  });
+  window.addEventListener("mouseup", (e) => {
+    if (!outline.start) return;
+    const [x0, y0] = outline.start, [x1, y1] = toImage(e);
+    outline.start = null;
+    if (Math.abs(x1 - x0) >= 2 && Math.abs(y1 - y0) >= 2) outline.boxes.push([x0, y0, x1, y1]);
+    drawOutline();
+  });
   $("btn-save-threshold").addEventListener("click", () => saveThreshold({ value: Number($("slider").value) }));
   $("btn-f1").addEventListener("click", () => saveThreshold({ f1_from_reviews: true }));
   $("file-input").addEventListener("change", (e) => {
@@ -224,4 +321,5 @@ function wire() {
 
 wire();
 refresh().catch((err) => say(`Station not reachable: ${err.message}`, true));
+pollRetrain().catch(() => {});
 setInterval(() => refresh().catch(() => {}), 5000);
