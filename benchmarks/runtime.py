@@ -204,12 +204,13 @@ def main() -> None:
         result = run_row(*rest, args) if kind == "row" else int8_row(*rest, args) if kind == "int8" else coreset_row()
         print(json.dumps(result))
         return
-    rows, runtimes = args.rows.split(","), args.runtimes.split(",")
+    rows, runtimes = args.rows.split(","), [r for r in args.runtimes.split(",") if r]
     if args.coreset:
         c = in_fresh_process(args, ["coreset"])
         print(f"coreset 10% of magnetic_tile's {c['rows']:,} rows ({c['n']:,} centres): {c['s']:.1f} s, covering radius {c['radius']:.4f}\n")
-    print("| data | runtime | ran in | fit s (with threshold) | predict ms/img | station img/s (16 clients) | Ray 2 workers img/s | image AUROC | pixel AUROC | AUPRO | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if runtimes:
+        print("| data | runtime | ran in | fit s (with threshold) | predict ms/img | station img/s (16 clients) | Ray 2 workers img/s | image AUROC | pixel AUROC | AUPRO | peak RSS MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for runtime in runtimes:
             r = in_fresh_process(args, ["row", row, runtime])
