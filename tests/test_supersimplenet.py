@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import defect_crop, paste_defect
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,7 +23,6 @@ from defectscope.detectors import make_detector
 from defectscope.detectors.supersimplenet import warn_if_normal
 from defectscope.errors import DataError
 from defectscope.evaluation.evaluate import labelled_split
-from helpers import defect_crop, paste_defect
 
 SIZE = 128
 FAST = {"preprocess": {"size": SIZE}, "hidden": 128, "steps": 80, "batch_size": 8, "seed": 0}
@@ -103,7 +103,7 @@ def test_labelled_defects_never_enter_the_threshold(weld: dict[str, Path], monke
 def test_bad_labels_are_named(weld: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     wrong = tmp_path / "wrong"
     wrong.mkdir()
-    image = sorted(weld["defects"].glob("d0.png"))[0]
+    image = weld["defects"] / "d0.png"
     save(torch.from_numpy(load_image(image)).permute(2, 0, 1), wrong / "d0.png")
     Image.new("L", (40, 30)).save(wrong / "d0_mask.png")
     with pytest.raises(DataError, match="d0_mask.png"):

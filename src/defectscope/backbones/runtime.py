@@ -331,8 +331,10 @@ class RuntimeBackbone(nn.Module):
                     self._any_size = runtime, run
                 return runtime, run
             except Exception as exc:  # noqa: BLE001 - a runtime failing to convert or match torch falls to the next
+                if self.runtime != "auto" and isinstance(exc, ConfigError):
+                    raise
                 if self.runtime != "auto":
-                    raise exc if isinstance(exc, ConfigError) else ConfigError(f"{runtime} cannot run the {self.name} backbone: {exc}") from exc
+                    raise ConfigError(f"{runtime} cannot run the {self.name} backbone: {exc}") from exc
                 log.warning("%s cannot run the %s backbone at %d x %d (%s); trying the next runtime.", runtime, self.name, *size, exc)
         log.warning("The %s backbone runs in torch at %d x %d: no faster runtime is installed or passed its check.", self.name, *size)
         return "torch", None
