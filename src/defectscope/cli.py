@@ -623,9 +623,8 @@ def retrain(
         if start is None:
             raise DefectscopeError(f"{store} records no model version; pass --model.")
         with _progress() as report:
-            fitted, summary = retrain_from(results, start, normals=normals, options=_options(options, "supersimplenet"), progress=report)
-        source = normals or read_manifest(start).get("extra", {}).get(TRAINED_ON)
-        save_detector(fitted.detector, output, extra={**fitted.extra(), TRAINED_ON: str(source), "parent": read_manifest(start)["sha256"][:12]})
+            detector, extra, summary = retrain_from(results, start, normals=normals, options=_options(options, "supersimplenet"), progress=report)
+        save_detector(detector, output, extra=extra)
         console.print(f"wrote [bold]{output}[/] ({summary['method']}: {summary['normal_images']} normal images, "
                       f"{summary['reviewed_defects']} reviewed defects, {summary['outlined']} outlined)")
 

@@ -87,10 +87,10 @@ def reviewed_records(store: SQLiteStore) -> tuple[list[Record], list[Record]]:
     return normal, defects
 
 
-def retrain_detector(model: Path, options: dict[str, Any] | None = None) -> Detector:
-    """The detector to retrain: the model's method and options when it learns from defects,
-    else SuperSimpleNet on its backbone and input size; ``options`` on top."""
-    manifest = read_manifest(model)
+def retrain_detector(manifest: dict[str, Any], options: dict[str, Any] | None = None) -> Detector:
+    """The detector to retrain a model (its file's manifest) as: its method and options when
+    it learns from defects, else SuperSimpleNet on its backbone and input size; ``options``
+    on top."""
     method, config = manifest["method"], manifest["config"]
     if not method_class(method).learns_from_defects:
         kept = {k: config[k] for k in BASE_OPTIONS if k in config}
@@ -102,9 +102,11 @@ def retrain_detector(model: Path, options: dict[str, Any] | None = None) -> Dete
 def retrain(
     store: SQLiteStore, model: Path, *, normals: str | Path | None = None, options: dict[str, Any] | None = None,
     progress: Progress | None = None,
-) -> tuple[pipeline.Fitted, dict[str, Any]]:
+) -> tuple[Detector, dict[str, Any], dict[str, Any]]:
     """Fit a new model from the normal images, the reviewed good parts and the reviewed
-    defects (module docstring); returns it and a summary of what it learned from."""
+    defects (module docstring). Returns the fitted detector, what its file records (its
+    threshold and the rest of `pipeline.Fitted.extra`, the normal images' folder for the
+    next retraining, its parent's hash) and a summary of what it learned from."""
     manifest = read_manifest(model)
     recorded = manifest.get("extra", {}).get(TRAINED_ON)
     source = normals or recorded
@@ -118,7 +120,7 @@ def retrain(
     good, defects = reviewed_records(store)
     if not defects:
         raise ConfigError("No reviewed defects to learn from yet; confirm defects on the review page first.")
-    detector = retrain_detector(model, options)
+    detector = retrain_detector(manifest, options)
     threshold = manifest.get("extra", {}).get("threshold") or {}
     rate = threshold.get("false_alarm_rate") or DEFAULT_FALSE_ALARM_RATE
     normal = training_records(source) + good
@@ -127,4 +129,5 @@ def retrain(
         "method": detector.name, "normal_images": len(normal), "reviewed_good": len(good),
         "reviewed_defects": len(defects), "outlined": sum(r.mask_path is not None for r in defects),
     }
-    return fitted, summary
+    extra = {**fitted.extra(), TRAINED_ON: str(source), "parent": manifest["sha256"][:12]}
+    return fitted.detector, extra, summary

@@ -35,7 +35,7 @@ from defectscope.errors import ConfigError, DataError, DefectscopeError
 from defectscope.evaluation.report import overlay
 from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.serve.retention import GB, Retention, prune_versions, purge_images
-from defectscope.serve.retrain import TRAINED_ON, retrain, reviewed_records, save_outline
+from defectscope.serve.retrain import retrain, reviewed_records, save_outline
 from defectscope.serve.store import Result, SQLiteStore, Version, new_id
 
 log = logging.getLogger("defectscope")
@@ -457,11 +457,10 @@ class Station:
             self.retraining.update(stage=stage, done=done, total=total)
 
         try:
-            fitted, summary = retrain(self.store, self.current.path, normals=normals, options=self.retrain_options, progress=report)
-            source = normals or self.current.extra.get(TRAINED_ON)
+            detector, extra, summary = retrain(self.store, self.current.path, normals=normals, options=self.retrain_options, progress=report)
             note = f"retrained with {summary['reviewed_defects']} reviewed defects ({summary['outlined']} outlined)"
             with self._update:
-                new, version = self._write_version(fitted.detector, {**fitted.extra(), TRAINED_ON: str(source)}, note)
+                new, version = self._write_version(detector, extra, note)
                 self._commit(new, lambda: self.store.add_version(version))
             self.retraining = {"state": "done", "version": new.version, **summary, "finished": time.time()}
         except Exception as exc:  # noqa: BLE001 - any failure is reported to the page; the served model is untouched
