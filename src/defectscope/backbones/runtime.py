@@ -261,15 +261,17 @@ def _holds_at(module: nn.Module, run: Run, size: tuple[int, int]) -> bool:
         return False
 
 
-def build_run(module: nn.Module, runtime: str, size: tuple[int, int]) -> tuple[Run, bool]:
+def build_run(module: nn.Module, runtime: str, size: tuple[int, int], any_size: bool = True) -> tuple[Run, bool]:
     """The runtime's graph of ``module``, checked against torch (`parity_error`), and whether
-    it takes any input size. A graph with height and width free is tried first and trusted
-    at any size when it reproduces torch at ``size`` and at `other_size` (EfficientNet's and
-    VGG's do; DINOv2's bakes its position-embedding grid in and does not); else a graph
-    for ``size`` alone. A ConfigError naming the difference when neither reproduces torch."""
-    generic = load_run(runtime, onnx_graph(module, size, fixed=False))
-    if _holds_at(module, generic, size) and _holds_at(module, generic, other_size(size)):
-        return generic, True
+    it takes any input size. A graph with height and width free is tried first (unless
+    ``any_size`` is False: it failed already) and trusted at any size when it reproduces
+    torch at ``size`` and at `other_size` (EfficientNet's and VGG's do; DINOv2's bakes its
+    position-embedding grid in and does not); else a graph for ``size`` alone. A
+    ConfigError naming the difference when neither reproduces torch."""
+    if any_size:
+        generic = load_run(runtime, onnx_graph(module, size, fixed=False))
+        if _holds_at(module, generic, size) and _holds_at(module, generic, other_size(size)):
+            return generic, True
     run = load_run(runtime, onnx_graph(module, size))
     error = parity_error(module, run, size)
     if not error <= PARITY:
@@ -288,6 +290,7 @@ class RuntimeBackbone(nn.Module):
         self.name, self.weights_hash = module.name, module.weights_hash
         self._runs: dict[tuple[int, int], tuple[str, Run | None]] = {}
         self._any_size: tuple[str, Run] | None = None  # a graph that takes every input size, once one passed
+        self._sized: set[str] = set()  # runtimes whose size-free graph failed: only graphs per size are tried
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -326,9 +329,11 @@ class RuntimeBackbone(nn.Module):
                     raise ConfigError(f"--runtime {runtime} needs the {PACKAGES[runtime]} package: pip install {PACKAGES[runtime]}.")
                 continue
             try:
-                run, any_size = build_run(self.module, runtime, size)
+                run, any_size = build_run(self.module, runtime, size, any_size=runtime not in self._sized)
                 if any_size:
                     self._any_size = runtime, run
+                else:
+                    self._sized.add(runtime)
                 return runtime, run
             except Exception as exc:  # noqa: BLE001 - a runtime failing to convert or match torch falls to the next
                 if self.runtime != "auto" and isinstance(exc, ConfigError):
