@@ -328,12 +328,12 @@ class CNNDetector(Detector):
         """``runtime``: where the backbone runs (auto, openvino, onnxruntime, torch; default the
         process's, `backbones.runtime`); not part of the model: a file records nothing of it."""
         self.backbone_name, self.weights = backbone, weights
-        self.runtime = None if runtime is None else check_runtime(runtime)
         self.stages = default_stages(backbone) if stages is None else tuple(stages)
         self.preprocess = Preprocess(**(preprocess or {}))
         refuse_tiling(self, self.preprocess.tile)
         self.sigma = sigma
         self._backbone: nn.Module | None = None
+        self.use_runtime(runtime)
 
     def use_runtime(self, runtime: str | None) -> None:
         """Run the backbone in ``runtime`` from now on (None: the process's default)."""

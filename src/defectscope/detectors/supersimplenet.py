@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectscope.components.features import flatten_patches
+from defectscope.components.features import flatten_patches, local_aggregate
 from defectscope.components.memory import Index
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
 from defectscope.detectors.base import (
@@ -252,7 +252,7 @@ class SuperSimpleNet(CNNDetector):
         h, w = maps[0].shape[-2:]
         size = (h * self.upscale, w * self.upscale)
         fused = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps], 1)
-        return F.avg_pool2d(fused, self.patch_size, stride=1, padding=self.patch_size // 2)
+        return local_aggregate(fused, self.patch_size)
 
     def _cache(self, samples: Iterable[Sample], label: int, progress: Progress | None, stage: str) -> dict[str, torch.Tensor]:
         """Features (float16), masks on the feature grid, whether each mask is known, labels."""
