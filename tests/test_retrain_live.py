@@ -9,9 +9,8 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from playwright.sync_api import expect, sync_playwright
-from test_report import CHROMIUM_FLAGS, chromium
-from test_station_live import serving
+from playwright.sync_api import expect
+from test_station_live import review_page, serving
 
 from defectscope import pipeline
 from defectscope.data.datasets import Record, load_dataset, load_mask
@@ -59,14 +58,9 @@ def test_confirm_outline_retrain_and_a_similar_defect_scores_higher(tmp_path: Pa
     shown, box = pasted(ds.train[30].path, crop, (40, 20), tmp_path / "shown.png")
     similar, _ = pasted(ds.train[34].path, crop, (120, 30), tmp_path / "similar.png")
     args = ("--retrain-set", 'preprocess={"size": 128}', "--retrain-set", "hidden=128", "--retrain-set", "steps=80")
-    with serving(model, tmp_path / "store", args=args) as (url, _), sync_playwright() as pw:
+    with serving(model, tmp_path / "store", args=args) as (url, _):
         before = margin(url, similar)
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS[1:], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url)
-            first = httpx.get(f"{url}/v1/model").json()["version"]
-            expect(page.locator("#model-version")).to_have_text(first)
+        with review_page(url) as (page, first):
             page.set_input_files("#file-input", str(shown))
             expect(page.locator("#detail-meta")).to_contain_text("shown.png", timeout=60_000)
             page.wait_for_function("document.getElementById('detail-image').naturalWidth > 0")
@@ -87,8 +81,6 @@ def test_confirm_outline_retrain_and_a_similar_defect_scores_higher(tmp_path: Pa
             expect(page.locator("#retrain-state")).to_contain_text("done", timeout=300_000)
             expect(page.locator("#retrain-state")).to_contain_text("1 reviewed defects, 1 outlined")
             expect(page.locator("#model-version")).not_to_have_text(first, timeout=30_000)
-        finally:
-            browser.close()
         after = margin(url, similar)
     assert after > before, (before, after)
     mask = next((tmp_path / "store" / "outlines").iterdir())

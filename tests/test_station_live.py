@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 from test_report import CHROMIUM_FLAGS, chromium
 
 from defectscope import pipeline
@@ -68,9 +68,25 @@ def serving(model: Path, store: Path, host: str = "127.0.0.1", args: tuple[str, 
                 proc.wait(timeout=15)
 
 
+@contextmanager
+def review_page(url: str) -> Iterator[tuple[Page, str]]:
+    """The station's review page at ``url`` in headless Chromium, once it shows the served
+    model version: (the page, that version). The browser is always closed."""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS[1:], headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            version = httpx.get(f"{url}/v1/model").json()["version"]
+            expect(page.locator("#model-version")).to_have_text(version)
+            yield page, version
+        finally:
+            browser.close()
+
+
 def test_review_page_upload_correct_and_rescore(model: Path, tmp_path: Path, battery: Path) -> None:
     defective = sorted((battery / "test/defective").iterdir())[:8]
-    with serving(model, tmp_path / "store") as (url, _), sync_playwright() as pw:
+    with serving(model, tmp_path / "store") as (url, _):
         flagged = None
         for p in defective:  # the first defective image this model flags, found through the API
             r = httpx.post(f"{url}/v1/predict", files={"files": (p.name, p.read_bytes(), "image/png")}, timeout=60).json()["results"][0]
@@ -78,12 +94,7 @@ def test_review_page_upload_correct_and_rescore(model: Path, tmp_path: Path, bat
                 flagged = p
                 break
         assert flagged is not None, "the model flags none of the first 8 defective images"
-        browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS[1:], headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url)
-            first_version = httpx.get(f"{url}/v1/model").json()["version"]
-            expect(page.locator("#model-version")).to_have_text(first_version)
+        with review_page(url) as (page, first_version):
             page.set_input_files("#file-input", str(flagged))
             expect(page.locator("#detail-verdict")).to_have_text("defect", timeout=60_000)
             page.wait_for_function("document.getElementById('detail-heatmap').naturalWidth > 0")
@@ -104,8 +115,6 @@ def test_review_page_upload_correct_and_rescore(model: Path, tmp_path: Path, bat
             print(f"station screenshot: {shot}")  # noqa: T201 - asked for in the test's output
             if os.environ.get("DEFECTSCOPE_UPDATE_DOCS") == "1":  # the docs' screenshot comes from this test
                 shutil.copyfile(shot, Path(__file__).resolve().parents[1] / "docs" / "assets" / "station.png")
-        finally:
-            browser.close()
     rows = [p for p in (tmp_path / "store" / "images").iterdir() if p.name.endswith("_heatmap.png")]
     assert len(rows) >= 3
 
