@@ -8,6 +8,15 @@ image cloned in seamlessly (NSA), or, for ``sdas``, a sample of a diffusion mode
 normal images drawn with a perturbed reverse process (RealNet's SDAS, `defectscope.components.diffusion`),
 placed through a Perlin mask with opacity in [0.5, 1] as the official code does. The returned mask is computed from the written pixels,
 so it is exact after quantisation to uint8.
+
+The *whole-image* kinds (`GLOBAL_KINDS`) change the image as a whole, where every patch
+may still look like some normal patch: ``rotate`` (the texture's direction or the part's
+orientation turned by 90 degrees, resized back to the frame), ``rescale`` (zoomed in by
+1.25-1.6, the wrong distance or the wrong size of part), ``colour`` (a colour cast of
+per-channel gains, or for greyscale a gamma of 0.6-0.8 or 1.25-1.6) and ``remove`` (a
+component gone: a large region, 5-20% of the frame, filled with the heavily blurred
+surroundings). Their masks are the changed pixels, so nearly the whole frame for the
+first three.
 """
 
 from __future__ import annotations
@@ -15,14 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from scipy import sparse
 from scipy.sparse.linalg import splu
 
 from defectscope.errors import ConfigError
 from defectscope.synthesis.masks import mask_of_kind
 
-KINDS = ("perlin", "cutpaste", "scar", "scratch", "texture", "noise", "poisson", "sdas")
+GLOBAL_KINDS = ("rotate", "rescale", "colour", "remove")
+KINDS = ("perlin", "cutpaste", "scar", "scratch", "texture", "noise", "poisson", "sdas", *GLOBAL_KINDS)
 
 
 def _as3(image: np.ndarray) -> np.ndarray:
@@ -135,7 +145,43 @@ def synthesize(
     raise ConfigError(f"Could not place a visible {kind} defect on an image of size {shape} (foreground too small?).")
 
 
+def _resized(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), Image.BICUBIC))
+
+
+def _whole_image(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One of `GLOBAL_KINDS` (see module docstring)."""
+    shape = image.shape[:2]
+    if kind == "rotate":
+        return _finish(image, _as3(_resized(np.ascontiguousarray(np.rot90(image, k=int(rng.choice([1, 3])))), shape)))
+    if kind == "rescale":
+        f = float(rng.uniform(1.25, 1.6))
+        h, w = shape
+        ch, cw = max(1, round(h / f)), max(1, round(w / f))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        return _finish(image, _as3(_resized(image[y : y + ch, x : x + cw], shape)))
+    if kind == "colour":
+        if image.ndim == 2 or _is_grey(image):
+            gamma = float(rng.choice([rng.uniform(0.6, 0.8), rng.uniform(1.25, 1.6)]))
+            return _finish(image, 255.0 * (_as3(image) / 255.0) ** gamma)
+        gains = np.ones(3)
+        while np.abs(gains - 1).max() < 0.1:
+            gains = rng.uniform(0.8, 1.2, size=3)
+        return _finish(image, _as3(image) * gains)
+    region = _rect_mask(shape, rng, (0.05, 0.2), (0.5, 2.0))
+    radius = max(shape) / 8
+    fill = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+    return blend(image, fill, region, 1.0)
+
+
+def _is_grey(image: np.ndarray) -> bool:
+    """An RGB array whose three channels are equal (a greyscale camera saved as RGB)."""
+    return bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+
+
 def _draw(image, kind, rng, shape, textures, donors, generated, foreground) -> tuple[np.ndarray, np.ndarray]:
+    if kind in GLOBAL_KINDS:
+        return _whole_image(image, kind, rng)
     if kind in ("cutpaste", "scar"):
         if kind == "cutpaste":
             region = _rect_mask(shape, rng, (0.02, 0.15), (0.3, 3.3))
