@@ -14,11 +14,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from defectscope.api import Model, Result, evaluate, fit, load  # noqa: E402
+from defectscope.api import Model, Result, evaluate, fit, load, tune  # noqa: E402
 from defectscope.detectors import Detector, Prediction, make_detector  # noqa: E402
 from defectscope.modelfiles.artifacts import load_detector, save_detector  # noqa: E402
 
 __all__ = [
     "Detector", "Model", "Prediction", "Result", "__version__", "evaluate", "fit", "load", "load_detector", "make_detector",
-    "save_detector",
+    "save_detector", "tune",
 ]

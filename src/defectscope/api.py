@@ -17,6 +17,7 @@ the verdict rule), the model file's recorded threshold, map range and tiling, an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ from defectscope.errors import ConfigError, DataError
 from defectscope.evaluation.evaluate import EvalResult
 from defectscope.evaluation.evaluate import evaluate as evaluate_method
 from defectscope.evaluation.report import html_report, overlay
+from defectscope.evaluation.tune import (
+    DEFAULT_BACKBONES,
+    DEFAULT_SIZES,
+    DEFAULT_WEIGHTS,
+    Tried,
+    TuneResult,
+    default_grid,
+)
+from defectscope.evaluation.tune import tune as run_tune
 from defectscope.modelfiles.artifacts import Recorded, load_detector, read_manifest, save_detector
 from defectscope.modelfiles.runtimes import ExportedModel, is_exported
 
@@ -184,6 +194,31 @@ def fit(
         detector, records if detector.needs_training_images else None, false_alarm_rate=false_alarm_rate, defects=defects, progress=progress
     )
     return Model(fitted.detector, fitted.extra(), f"unsaved {method}")
+
+
+def tune(
+    data: str | Path,
+    *,
+    budget_s: float = 600.0,
+    backbones: tuple[str, ...] = DEFAULT_BACKBONES,
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS,
+    tiles: bool = True,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_candidate: Callable[[Tried, Detector], None] | None = None,
+) -> tuple[Model, TuneResult]:
+    """Choose PatchCore's backbone, size, tiles and whole-image branch on a split of the
+    normal images of ``data`` with synthetic defects (never its test split), fit the
+    choice on all of them as `fit` does, and record the validation table in the model
+    (``extra["tune"]``); see `defectscope.evaluation.tune`."""
+    grid = default_grid(backbones, sizes, weights, tiles)
+    fitted, result = run_tune(
+        training_records(data), grid=grid, budget_s=budget_s, false_alarm_rate=false_alarm_rate, seed=seed, progress=progress,
+        on_candidate=on_candidate,
+    )
+    return Model(fitted.detector, {**fitted.extra(), "tune": result.to_dict()}, "unsaved patchcore (tuned)"), result
 
 
 def load(path: str | Path, *, runtime: str | None = None) -> Model:

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from defectscope import pipeline
 from defectscope.api import load as load_model
+from defectscope.api import tune as tune_model
 from defectscope.backbones.runtime import ENV as RUNTIME_ENV
 from defectscope.backbones.runtime import set_default_runtime
 from defectscope.components.charts import loss_curve_png
@@ -31,6 +32,7 @@ from defectscope.errors import DefectscopeError
 from defectscope.evaluation.evaluate import evaluate as run_evaluate
 from defectscope.evaluation.evaluate import evaluate_fewshot, evaluate_labelled
 from defectscope.evaluation.report import html_report
+from defectscope.evaluation.tune import DEFAULT_BACKBONES, DEFAULT_SIZES, DEFAULT_WEIGHTS
 from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
 from defectscope.modelfiles.export import export_model
 from defectscope.modelfiles.runtimes import ExportedModel
@@ -212,6 +214,43 @@ def fit(
     _run(job)
 
 
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MVTec layout; only train/good is read) or a folder of normal images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")] = Path("model.dscope"),
+    budget_s: Annotated[float, typer.Option(help="Seconds of candidate fits; no new candidate starts after them (the final fit comes on top).")] = 600.0,
+    backbones: Annotated[str, typer.Option(help="Comma-separated backbones to try.")] = ",".join(DEFAULT_BACKBONES),
+    sizes: Annotated[str, typer.Option(help="Comma-separated input sizes (long side, px) to try.")] = ",".join(map(str, DEFAULT_SIZES)),
+    whole_image_weights: Annotated[str, typer.Option(help="Comma-separated weights of the whole-image branch to try (0: off).")] = ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
+    tiles: Annotated[bool, typer.Option(help="Also try tiles at twice the resolution.")] = True,
+    false_alarm_rate: Annotated[float, typer.Option(help="Share of normal parts the final model's threshold may flag.")] = DEFAULT_FALSE_ALARM_RATE,
+    seed: Annotated[int, typer.Option(help="Seed of the validation split and the synthetic defects.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+    runtime: Runtime = "auto",
+) -> None:
+    """Choose PatchCore's backbone, size, tiles and whole-image branch on a split of the
+    normal images with synthetic defects (never a test split), then fit the choice."""
+
+    def job() -> None:
+        set_default_runtime(runtime)
+        if output.exists() and not overwrite:
+            raise DefectscopeError(f"{output} already exists; choose another -o or pass --overwrite.")
+        check_rate(false_alarm_rate)
+        chosen = {
+            "backbones": tuple(b.strip() for b in backbones.split(",") if b.strip()),
+            "sizes": tuple(_ints(sizes, "--sizes")),
+            "weights": tuple(_floats(whole_image_weights, "--whole-image-weights")),
+        }
+        with _progress() as report:
+            model, result = tune_model(data, budget_s=budget_s, tiles=tiles, false_alarm_rate=false_alarm_rate, seed=seed, progress=report, **chosen)
+        console.print(result.to_markdown())
+        model.save(output, overwrite=overwrite)
+        thr = model.threshold
+        console.print(f"chose [bold]{result.choice.label}[/]; wrote [bold]{output}[/]" + (f"; threshold {thr:.4g}" if thr is not None else ""))
+
+    _run(job)
+
+
 EXIT_SKIPPED = 3  # predict: some images could not be read (listed in OUT/errors.csv); the rest were scored
 EXIT_INVALID = 4  # predict: every file was read, but some frames could not be judged (verdict invalid)
 
@@ -358,6 +397,16 @@ def ask(
         typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text)
 
     _run(job)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DefectscopeError(f"{option} takes comma-separated numbers, e.g. 0,0.25,1; got {text!r}.") from None
+    if not values:
+        raise DefectscopeError(f"{option} is empty; give at least one number.")
+    return values
 
 
 def _ints(text: str, option: str) -> list[int]:
