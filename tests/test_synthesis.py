@@ -11,7 +11,7 @@ from PIL import Image
 from defectscope.data.datasets import load_dataset
 from defectscope.data.images import load_image_uint8
 from defectscope.errors import ConfigError, DataError
-from defectscope.synthesis import KINDS, otsu_foreground, synthesize
+from defectscope.synthesis import GLOBAL_KINDS, KINDS, otsu_foreground, synthesize
 from defectscope.synthesis.split import make_synthetic_split
 
 RUNNABLE = [k for k in KINDS if k != "texture"]
@@ -38,7 +38,7 @@ def test_mask_non_empty_and_exactly_the_changed_pixels(kind: str, grey_images: l
     assert np.array_equal(mask, out != base)
 
 
-@pytest.mark.parametrize("kind", ["perlin", "cutpaste", "poisson", "texture"])
+@pytest.mark.parametrize("kind", ["perlin", "cutpaste", "poisson", "texture", *GLOBAL_KINDS])
 def test_rgb_any_size(kind: str, rgb_image: np.ndarray) -> None:
     img = rgb_image[:101, :333]
     out, mask = synthesize(img, kind, np.random.default_rng(0), donors=[rgb_image[::-1]], textures=[rgb_image])
@@ -53,6 +53,18 @@ def test_same_seed_same_output_other_seed_differs(kind: str, grey_images: list[n
     a, b, c = run(5), run(5), run(6)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
+
+
+def test_whole_image_kinds_change_the_whole_image(grey_images: list[np.ndarray]) -> None:
+    grey = grey_images[0]
+    rgb_grey = np.stack([grey] * 3, axis=2)  # a greyscale camera saved as RGB
+    out, _ = synthesize(rgb_grey, "colour", np.random.default_rng(0))
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all() and abs(out.mean() - grey.mean()) > 3
+    for kind in ("rotate", "rescale"):
+        out, mask = synthesize(grey, kind, np.random.default_rng(0))
+        assert out.shape == grey.shape and mask.mean() > 0.5, (kind, mask.mean())
+    _, mask = synthesize(grey, "remove", np.random.default_rng(0))
+    assert 0.03 < mask.mean() < 0.3
 
 
 def test_foreground_restriction(grey_images: list[np.ndarray]) -> None:

@@ -479,7 +479,7 @@ def evaluate(
 def synth(
     data: Annotated[Path, typer.Argument(help="Dataset folder (uses train/good) or a folder of normal images.")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the synthetic MVTec-layout dataset.")],
-    kinds: Annotated[str, typer.Option(help="Comma-separated: perlin, cutpaste, scar, scratch, texture, noise, poisson, sdas (needs --ddpm), normal (generated normal images; needs --ddpm).")] = "perlin,cutpaste,poisson",
+    kinds: Annotated[str, typer.Option(help="Comma-separated: perlin, cutpaste, scar, scratch, texture, noise, poisson, sdas (needs --ddpm), normal (generated normal images; needs --ddpm); whole-image: rotate, rescale, colour, remove.")] = "perlin,cutpaste,poisson",
     n: Annotated[int, typer.Option("--n", help="Defective images per kind.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same images.")] = 0,
     textures: Annotated[Optional[Path], typer.Option(help="Folder of texture images (DTD-style) for texture/perlin.")] = None,  # noqa: UP045

@@ -149,8 +149,9 @@ def _resized(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), Image.BICUBIC))
 
 
-def _whole_image(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One of `GLOBAL_KINDS` (see module docstring)."""
+def _whole_image(image: np.ndarray, kind: str, rng: np.random.Generator, foreground: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One of `GLOBAL_KINDS` (see module docstring); ``foreground`` bounds only ``remove``
+    (the others change the whole frame by definition)."""
     shape = image.shape[:2]
     if kind == "rotate":
         return _finish(image, _as3(_resized(np.ascontiguousarray(np.rot90(image, k=int(rng.choice([1, 3])))), shape)))
@@ -169,6 +170,7 @@ def _whole_image(image: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
             gains = rng.uniform(0.8, 1.2, size=3)
         return _finish(image, _as3(image) * gains)
     region = _rect_mask(shape, rng, (0.05, 0.2), (0.5, 2.0))
+    region = region if foreground is None else region & foreground
     radius = max(shape) / 8
     fill = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
     return blend(image, fill, region, 1.0)
@@ -181,7 +183,7 @@ def _is_grey(image: np.ndarray) -> bool:
 
 def _draw(image, kind, rng, shape, textures, donors, generated, foreground) -> tuple[np.ndarray, np.ndarray]:
     if kind in GLOBAL_KINDS:
-        return _whole_image(image, kind, rng)
+        return _whole_image(image, kind, rng, foreground)
     if kind in ("cutpaste", "scar"):
         if kind == "cutpaste":
             region = _rect_mask(shape, rng, (0.02, 0.15), (0.3, 3.3))
