@@ -27,13 +27,14 @@ TRAIN, TEST = 10, 12
 # (method, dataset, options): magnetic_tile crops come in many shapes, so those models letterbox;
 # battery_weld keeps the aspect ratio and is exported for the shape of one camera image.
 # Each method once per input mode: PatchCore both ways (and with its whole-image branch), PaDiM letterboxed,
-# FastRecon at the camera's aspect.
+# FastRecon and SuperSimpleNet at the camera's aspect.
 CASES = [
     ("patchcore", "magnetic", {"coreset_ratio": 0.1, "preprocess": {"resize": "letterbox"}}),
     ("patchcore", "battery", {"coreset_ratio": 0.1}),
     ("patchcore", "battery", {"coreset_ratio": 0.1, "whole_image": 1.0}),  # the whole-image branch inside the graph
     ("padim", "magnetic", {}),
     ("fastrecon", "battery", {}),
+    ("supersimplenet", "battery", {"steps": 20}),  # a short training: the graph must equal the heads it has
 ]
 
 

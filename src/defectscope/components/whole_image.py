@@ -26,6 +26,7 @@ from sklearn.covariance import LedoitWolf
 
 from defectscope.errors import ConfigError
 
+FOLDS = 10  # cross-fitting folds of the held-out scores
 HIGH_QUANTILE = 0.95  # the held-out normal scores' quantile that counts as one unit of exceedance
 
 
@@ -58,7 +59,7 @@ class WholeImageGaussian:
         self.mu, self.sd, self.precision, self.low, self.high = mu, sd, precision, low, high
 
     @classmethod
-    def fit(cls, pooled: torch.Tensor, *, folds: int = 10, seed: int = 0) -> tuple[WholeImageGaussian, np.ndarray]:
+    def fit(cls, pooled: torch.Tensor, *, folds: int = FOLDS, seed: int = 0) -> tuple[WholeImageGaussian, np.ndarray]:
         """Fit on N x D pooled features of normal images; also return each image's score
         from a Gaussian fitted without its fold (the held-out scores the normal range and a
         threshold come from)."""

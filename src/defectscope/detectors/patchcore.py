@@ -50,6 +50,7 @@ import torch
 from defectscope.components.ann import AnnIndex, check_params
 from defectscope.components.features import flatten_patches, patch_features
 from defectscope.components.memory import Index, covering_radius, greedy_coreset
+from defectscope.components.whole_image import FOLDS as WI_FOLDS
 from defectscope.components.whole_image import WholeImageGaussian, pooled_stats
 from defectscope.data.datasets import Record, Sample, batches
 from defectscope.data.tiles import boxes, training_samples
@@ -121,6 +122,8 @@ class PatchCore(CNNDetector):
         self.whole_image = float(whole_image)
         self.wi: WholeImageGaussian | None = None
         self.wi_unit = 0.0  # the patch scores' unit u of the whole-image term
+        self._pooled: torch.Tensor | None = None  # the last fit's pooled statistics, per training image
+        self._wi_held: np.ndarray | None = None  # their whole-image scores, each held out of its Gaussian
         if image_score not in ("paper", "max"):
             raise ConfigError(f"image_score must be 'paper' or 'max', got {image_score!r}.")
         if normal_scores not in NORMAL_SCORES:
@@ -353,7 +356,7 @@ class PatchCore(CNNDetector):
         if self.wi is not None:
             term = (self.whole_image * self.wi_unit * self.wi.exceedance(self._wi_held)).numpy()
             parts = [(part[0] + term[i], *part[1:]) for part, i in zip(parts, order, strict=True)]
-            how += ", whole-image branch held out in 10 folds"
+            how += f", whole-image branch held out in {WI_FOLDS} folds"
         return NormalScores.collect(parts, order, how) if len(order) >= 2 else None
 
     def _held_out(

@@ -67,6 +67,7 @@ from defectscope.detectors.base import (
     NormalScores,
     Prediction,
     Progress,
+    ScoreGraph,
     check_ratio,
     holdout_scored,
     patch_scores_to_maps,
@@ -373,6 +374,12 @@ class SuperSimpleNet(CNNDetector):
         heads = self._heads()
         amap, score = heads.discriminate(heads.adaptor(self.features(batch)), stop_grad=False)
         return Prediction(F.softplus(score), F.softplus(patch_scores_to_maps(amap, tuple(batch.shape[-2:]), self.sigma)))
+
+    def export_graph(self) -> ScoreGraph:
+        """One graph: backbone, feature upscaling and aggregation, adaptor, both heads and the
+        softplus, exactly `predict` (the heads are in eval mode, so batch norm is fixed)."""
+        self._heads()
+        return ScoreGraph(self.predict, self.backbone)
 
     def fit_scored(
         self, records: Sequence[Record], *, folds: int = 5, seed: int = 0, progress: Progress | None = None
