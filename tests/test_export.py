@@ -19,7 +19,7 @@ from defectscope.decision.scoring import score_samples
 from defectscope.detectors.base import make_detector
 from defectscope.errors import ConfigError, DataError, ModelFileError
 from defectscope.modelfiles.artifacts import load_detector, read_manifest, save_detector
-from defectscope.modelfiles.export import export_model
+from defectscope.modelfiles.export import export_model, trace_onnx
 from defectscope.modelfiles.runtimes import ExportedModel
 
 runner = CliRunner()
@@ -34,7 +34,7 @@ CASES = [
     ("patchcore", "battery", {"coreset_ratio": 0.1, "whole_image": 1.0}),  # the whole-image branch inside the graph
     ("padim", "magnetic", {}),
     ("fastrecon", "battery", {}),
-    ("supersimplenet", "battery", {"steps": 20}),  # a short training: the graph must equal the heads it has
+    ("supersimplenet", "battery", {"steps": 3}),  # a short training: the graph must equal the heads it has
 ]
 
 
@@ -184,3 +184,20 @@ def test_wrong_input_shape_is_refused_per_image(small_model: Path, tmp_path: Pat
     runner_ = ExportedModel(export_model(small_model, tmp_path / "m.onnx")[0])
     with pytest.raises(DataError, match="takes"):
         runner_.predict(torch.rand(1, 3, 64, 48))
+
+
+class _ScriptedGraph(torch.nn.Module):
+    """A scoring graph holding a TorchScript block, as the Inception backbone does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.jit.script(torch.nn.Conv2d(3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self.block(x)[:, 0]
+        return amap.flatten(1).amax(1), amap
+
+
+def test_a_graph_that_cannot_be_traced_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="could not be traced into one graph.*TorchScript"):
+        trace_onnx(_ScriptedGraph(), (32, 32))

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -103,11 +104,19 @@ def trace_onnx(graph: torch.nn.Module, input_size: tuple[int, int]) -> Any:
     graph = graph.eval()
     with torch.no_grad():
         reference = graph(x)
-    with contextlib.redirect_stdout(None), torch.no_grad():  # torch.onnx prints its progress
-        program = torch.onnx.export(
-            graph, (x,), dynamo=True, dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}},
-            input_names=["image"], output_names=["score", "map"], verbose=False,
-        )
+    try:
+        with contextlib.redirect_stdout(None), torch.no_grad():  # torch.onnx prints its progress
+            program = torch.onnx.export(
+                graph, (x,), dynamo=True, dynamic_shapes={"x": {0: Dim("batch", min=1, max=4096)}},
+                input_names=["image"], output_names=["score", "map"], verbose=False,
+            )
+    except Exception as exc:
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).strip().splitlines() or [""])[0])[:300]
+        raise ConfigError(
+            f"This model's scoring could not be traced into one graph ({type(exc).__name__}: {reason}). A backbone "
+            "shipped as TorchScript (inception_v3_tf, or an ensemble holding it) cannot be exported; fit on another "
+            "backbone (EfficientNet-Lite, VGG19, DINOv2) to export."
+        ) from exc
     check_parity(program.model_proto, x, reference)
     return program.model_proto
 
