@@ -67,3 +67,10 @@ def test_too_few_images_is_a_clear_error(tmp_path: Path, battery: Path) -> None:
         shutil.copy(p, tmp_path / "few" / p.name)
     with pytest.raises(DataError, match="at least 8"):
         ds.tune(tmp_path / "few")
+
+
+def test_a_bad_candidate_is_refused_before_any_fit(small_mvtec: Path) -> None:
+    result = runner.invoke(app, ["tune", str(small_mvtec), "-o", "x.dscope", "--whole-image-weights", "0,-1"])
+    assert result.exit_code == 2 and "whole_image" in result.output
+    result = runner.invoke(app, ["tune", str(small_mvtec), "-o", "x.dscope", "--sizes", "128,abc"])
+    assert result.exit_code == 2 and "--sizes" in result.output

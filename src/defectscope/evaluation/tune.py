@@ -38,7 +38,7 @@ from defectscope.data.tiles import training_samples
 from defectscope.decision.metrics import auroc, tpr_at_fpr
 from defectscope.decision.thresholds import DEFAULT_FALSE_ALARM_RATE
 from defectscope.detectors.base import Detector, Progress, make_detector, method_class, training_options
-from defectscope.errors import DataError
+from defectscope.errors import ConfigError, DataError
 from defectscope.evaluation.evaluate import score_records
 from defectscope.synthesis import GLOBAL_KINDS, synthesize
 
@@ -114,6 +114,8 @@ def default_grid(
 ) -> list[Candidate]:
     """Whole-image candidates (every backbone and size, each with the branch's weights),
     then tiles at the smallest size with the first backbone, cheapest first."""
+    if not (backbones and sizes and weights):
+        raise ConfigError("tune needs at least one backbone, one size and one whole-image weight to try.")
     grid = [Candidate(b, s, False, tuple(weights)) for s in sorted(sizes) for b in backbones]
     if tiles:
         grid.append(Candidate(backbones[0], min(sizes), True, (0.0,)))
@@ -186,6 +188,9 @@ def tune(
     if len(records) < MIN_IMAGES:
         raise DataError(f"tune needs at least {MIN_IMAGES} normal images to hold some out for validation; got {len(records)}. Use `fit`.")
     grid = list(grid or default_grid())
+    for cand in grid:  # a bad option fails now, not after minutes of other candidates
+        for w in cand.weights:
+            make_detector("patchcore", **cand.options(w, 1.0))
     fit_records, held = pipeline.split_holdout(list(records), VALIDATION_SHARE, seed)
     scale = tile_scale(records, min(c.size for c in grid))
     with tempfile.TemporaryDirectory(prefix="defectscope-tune-") as tmp:
