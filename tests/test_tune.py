@@ -18,7 +18,7 @@ from defectscope.modelfiles.artifacts import read_manifest
 runner = CliRunner()
 
 
-GRID = ["--backbones", "tf_efficientnet_lite0", "--sizes", "128", "--whole-image-weights", "0,1", "--no-tiles", "--runtime", "torch"]
+GRID = ["--backbones", "tf_efficientnet_lite0", "--sizes", "128", "--whole-image-weights", "0,1", "--no-tiles"]
 
 
 def _blank_test_split(root: Path, to: Path) -> Path:
