@@ -61,9 +61,9 @@ def test_coreset_cross_fit_selects_each_folds_coreset_without_its_images(battery
         return real_select(rows, n, **kw)
 
     def collect(self, images, progress):
-        feats, owner, grids = real_collect(self, images, progress)
+        feats, owner, grids, pooled = real_collect(self, images, progress)
         owners.append((feats, owner))
-        return feats, owner, grids
+        return feats, owner, grids, pooled
 
     monkeypatch.setattr(patchcore, "greedy_coreset", recording)
     monkeypatch.setattr(patchcore.PatchCore, "_collect", collect)

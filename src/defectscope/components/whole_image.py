@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
+from defectscope.data.fewshot import fold_of
 from defectscope.errors import ConfigError
 
 FOLDS = 10  # cross-fitting folds of the held-out scores
@@ -68,7 +69,7 @@ class WholeImageGaussian:
         if n < 3:
             raise ConfigError(f"The whole-image branch needs at least 3 normal images to learn their spread; got {n}.")
         k = min(folds, n)
-        fold = np.random.default_rng(seed).permutation(n) % k
+        fold = fold_of(n, k, seed)
         held = np.empty(n)
         for f in range(k):
             held[fold == f] = _mahalanobis(x[fold == f], *_gaussian(x[fold != f]))

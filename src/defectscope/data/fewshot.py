@@ -1,4 +1,5 @@
-"""Seeded k-shot sampling of normal training images (the papers' few-shot protocol)."""
+"""Seeded draws of normal training images: k-shot samples (the papers' few-shot protocol)
+and cross-fitting folds."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import numpy as np
 
 from defectscope.data.datasets import Record
 from defectscope.errors import ConfigError
+
+
+def fold_of(n: int, k: int, seed: int) -> np.ndarray:
+    """The cross-fitting fold (0..k-1) of each of ``n`` images: seeded, sizes within one."""
+    return np.random.default_rng(seed).permutation(n) % k
 
 
 def sample_shots(records: list[Record], k: int, seed: int) -> list[Record]:

@@ -23,6 +23,7 @@ from defectscope.backbones import default_stages, get_backbone
 from defectscope.backbones.runtime import check_runtime
 from defectscope.components.progress import Progress
 from defectscope.data.datasets import Record, Sample, batches, iter_samples
+from defectscope.data.fewshot import fold_of
 from defectscope.data.images import Preprocess
 from defectscope.data.tiles import Box, boxes, cut, stitch, training_samples
 from defectscope.errors import ConfigError
@@ -375,11 +376,6 @@ def square_input(detector: Detector, size: int, resize: str, preprocess: dict[st
     if resize not in ("letterbox", "squash"):
         raise ConfigError("CLIP takes square inputs: resize must be letterbox (keeps the shape) or squash.")
     return Preprocess(size, resize)
-
-
-def fold_of(n: int, k: int, seed: int) -> np.ndarray:
-    """The cross-fitting fold (0..k-1) of each of ``n`` images: seeded, sizes within one."""
-    return np.random.default_rng(seed).permutation(n) % k
 
 
 def check_ratio(name: str, value: float) -> float:

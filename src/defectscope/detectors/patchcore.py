@@ -53,6 +53,7 @@ from defectscope.components.memory import Index, covering_radius, greedy_coreset
 from defectscope.components.whole_image import FOLDS as WI_FOLDS
 from defectscope.components.whole_image import WholeImageGaussian, pooled_stats
 from defectscope.data.datasets import Record, Sample, batches
+from defectscope.data.fewshot import fold_of
 from defectscope.data.tiles import boxes, training_samples
 from defectscope.detectors.base import (
     CNNDetector,
@@ -61,7 +62,6 @@ from defectscope.detectors.base import (
     Progress,
     ScoreGraph,
     check_ratio,
-    fold_of,
     patch_scores_to_maps,
     register,
 )
@@ -122,7 +122,6 @@ class PatchCore(CNNDetector):
         self.whole_image = float(whole_image)
         self.wi: WholeImageGaussian | None = None
         self.wi_unit = 0.0  # the patch scores' unit u of the whole-image term
-        self._pooled: torch.Tensor | None = None  # the last fit's pooled statistics, per training image
         self._wi_held: np.ndarray | None = None  # their whole-image scores, each held out of its Gaussian
         if image_score not in ("paper", "max"):
             raise ConfigError(f"image_score must be 'paper' or 'max', got {image_score!r}.")
@@ -205,10 +204,12 @@ class PatchCore(CNNDetector):
         stages = self.backbone(x)
         return patch_features(stages, self.patch_size, self.dim), pooled_stats(stages) if self.whole_image else None
 
-    def _collect(self, images: Iterable[Sample], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor, list[_Grid]]:
+    def _collect(
+        self, images: Iterable[Sample], progress: Progress | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[_Grid], torch.Tensor | None]:
         """All patch features (rows), the training image each row came from (tiles of one
-        image share its index), and per sample its feature grid; pooled statistics go to
-        ``self._pooled`` when the whole-image branch is on."""
+        image share its index), per sample its feature grid, and with the whole-image
+        branch each image's pooled statistics (else None)."""
         feats, owners, grids, pooled = [], [], [], []
         path, image = None, -1
         for batch in batches(iter(images), self.batch_size):
@@ -227,8 +228,7 @@ class PatchCore(CNNDetector):
                 progress("features", len(grids), 0)
         if not feats:
             raise ConfigError("PatchCore got no training images; check the training folder.")
-        self._pooled = torch.cat(pooled) if pooled else None
-        return torch.cat(feats), torch.cat(owners), grids
+        return torch.cat(feats), torch.cat(owners), grids, torch.cat(pooled) if pooled else None
 
     def _select(self, bank: torch.Tensor, progress: Progress | None) -> torch.Tensor:
         """Greedy coreset of the bank; installs it and returns the kept rows' indices."""
@@ -245,11 +245,11 @@ class PatchCore(CNNDetector):
     def _fit_bank(self, images: Iterable[Sample], progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor, list[_Grid], torch.Tensor]:
         """Build the bank; return the full patch features, their owners, grids and kept rows."""
         t0 = time.perf_counter()
-        bank, owner, grids = self._collect(images, progress)
+        bank, owner, grids, pooled = self._collect(images, progress)
         t1 = time.perf_counter()
         self.timings = {}
         keep = self._select(bank, progress)
-        self._fit_whole_image(bank, owner, keep, grids)
+        self._fit_whole_image(pooled, bank, owner, keep, grids)
         self.timings.update({
             "features_s": t1 - t0,
             "coreset_s": time.perf_counter() - t1 - self.timings["index_s"],
@@ -259,27 +259,35 @@ class PatchCore(CNNDetector):
         })
         return bank, owner, grids, keep
 
-    def _fit_whole_image(self, bank: torch.Tensor, owner: torch.Tensor, keep: torch.Tensor, grids: list[_Grid]) -> None:
+    def _fit_whole_image(
+        self, pooled: torch.Tensor | None, bank: torch.Tensor, owner: torch.Tensor, keep: torch.Tensor, grids: list[_Grid]
+    ) -> None:
         """Fit the whole-image Gaussian on the pooled statistics and set its unit u (module
         docstring); keeps the branch's held-out scores for `fit_scored`."""
         self.wi, self.wi_unit, self._wi_held = None, 0.0, None
-        if not self.whole_image:
+        if pooled is None:
             return
-        self.wi, self._wi_held = WholeImageGaussian.fit(self._pooled, seed=self.seed)
+        self.wi, self._wi_held = WholeImageGaussian.fit(pooled, seed=self.seed)
         n_images = grids[-1].image + 1
         kept_owner = owner[keep]
         largest = []
         for i in np.random.default_rng(self.seed).permutation(n_images)[:UNIT_IMAGES].tolist():
-            others = kept_owner != i
-            if others.any():
-                largest.append(Index(self.bank[others], self.knn_backend).nearest_distances(bank[owner == i]).max())
+            if (without := self._bank_without(kept_owner, i)) is not None:
+                largest.append(without[1].nearest_distances(bank[owner == i]).max())
         self.wi_unit = float(torch.stack(largest).median()) if largest else 0.0
 
-    def _whole_image_term(self, pooled: torch.Tensor | None) -> torch.Tensor | None:
-        """w * u * e(x) per image (None when the branch is off)."""
-        if self.wi is None or pooled is None:
+    def _bank_without(self, kept_owner: torch.Tensor, image: int) -> tuple[torch.Tensor, Index] | None:
+        """The fitted bank without training image ``image``'s entries (``kept_owner``: each
+        entry's image) and an exact index over it; None when every entry is that image's."""
+        others = kept_owner != image
+        if not others.any():
             return None
-        return self.whole_image * self.wi_unit * self.wi.exceedance(self.wi.distance(pooled))
+        sub = self.bank[others]
+        return sub, Index(sub, self.knn_backend)
+
+    def _whole_image_term(self, distance: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """w * u * e for whole-image distances g."""
+        return self.whole_image * self.wi_unit * self.wi.exceedance(distance)
 
     def fit(self, images: Iterable[Sample] | None, *, progress: Progress | None = None) -> Self:
         if images is None:
@@ -324,10 +332,9 @@ class PatchCore(CNNDetector):
             how = "leave-one-image-out" + ("" if full else " of the fitted coreset")
             kept_owner = owner[keep]
             for i, mine in by_image.items():
-                if not (others := kept_owner != i).any():
+                if (without := self._bank_without(kept_owner, i)) is None:
                     continue  # every bank entry came from this image: nothing to compare it with
-                sub = self.bank[others]
-                parts.append(self._held_out(mine, sub, Index(sub, self.knn_backend), bank, starts, grids))
+                parts.append(self._held_out(mine, *without, bank, starts, grids))
                 order.append(i)
                 if progress:
                     progress("normal scores", i + 1, n_images)
@@ -354,7 +361,7 @@ class PatchCore(CNNDetector):
                         progress("cross-fit", f + 1, k)
         self.timings["normal_scores_s"] = time.perf_counter() - t0
         if self.wi is not None:
-            term = (self.whole_image * self.wi_unit * self.wi.exceedance(self._wi_held)).numpy()
+            term = self._whole_image_term(self._wi_held).numpy()
             parts = [(part[0] + term[i], *part[1:]) for part, i in zip(parts, order, strict=True)]
             how += f", whole-image branch held out in {WI_FOLDS} folds"
         return NormalScores.collect(parts, order, how) if len(order) >= 2 else None
@@ -419,9 +426,8 @@ class PatchCore(CNNDetector):
         dist = index.nearest_distances(query)
         maps = patch_scores_to_maps(dist.view(n, h, w), size, self.sigma)
         scores = self._image_scores(query.view(n, h * w, -1), dist.view(n, -1), self.bank, index)
-        term = self._whole_image_term(pooled)
-        if term is not None:
-            scores = scores + term
+        if self.wi is not None and pooled is not None:
+            scores = scores + self._whole_image_term(self.wi.distance(pooled))
         return Prediction(scores, maps)
 
     def export_graph(self) -> ScoreGraph:

@@ -161,7 +161,7 @@ def run_candidates(
                 yield Tried(cand.label(w), o, note="not tried: over the time budget"), None
             continue
         t0 = time.perf_counter()
-        fit_options = training_options("patchcore", len(fit_records), options[-1] | {"whole_image": max(cand.weights)})
+        fit_options = training_options("patchcore", len(fit_records), cand.options(max(cand.weights), scale))
         fitted = make_detector("patchcore", **fit_options)
         fitted.fit(training_samples(list(fit_records), fitted.preprocess))
         fit_s = time.perf_counter() - t0
