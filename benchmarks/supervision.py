@@ -10,19 +10,23 @@ rate on normal training images only. Columns: image AUROC, pixel AUROC, AUPRO, T
 training minutes; mean over seeds (with the spread where there are several).
 
 SuperSimpleNet trains for ``--steps`` steps or ``--budget-s`` seconds, whichever ends first
-(the paper: 300 epochs of batch 32 on a GPU); each run is printed as it finishes.
+(the paper: 300 epochs of batch 32 on a GPU); each run is printed as it finishes (a JSON
+line), and appended to ``--log`` if given; runs already in that log are not run again, so
+the whole grid (about 100 runs of 4-6 minutes) can be spread over several sittings.
 
 Time it alone: two processes using both cores slow each other several-fold.
 
     python benchmarks/supervision.py [--datasets magnetic_tile,battery_weld,bsdata] [--ks 0,5,10,20] [--seeds 0,1,2,3,4]
-        [--regimes masks,labels] [--steps 1500] [--budget-s 600]
+        [--regimes masks,labels] [--steps 1500] [--budget-s 600] [--log runs.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +51,7 @@ def cell(values: list[float]) -> str:
 
 def main() -> None:
     from defectscope.data.datasets import load_dataset
-    from defectscope.decision.thresholds import Threshold
     from defectscope.detectors import make_detector
-    from defectscope.evaluation.evaluate import evaluate, labelled_split
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="magnetic_tile,battery_weld,bsdata")
@@ -59,35 +61,83 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--budget-s", type=float, default=600)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--log", type=Path, help="a JSON-lines file: each run is appended as it ends, and runs already in it "
+                    "(same dataset, model, K, seed and training settings) are taken from it, so a grid can span sessions")
     args = ap.parse_args()
     ks, seeds, regimes = [int(k) for k in args.ks.split(",")], [int(s) for s in args.seeds.split(",")], args.regimes.split(",")
     ssn = {"steps": args.steps, "budget_s": args.budget_s, "batch_size": args.batch_size}
+    # a logged run counts only if it was made with the same settings, defaults included
+    config = json.loads(json.dumps({k: v for k, v in make_detector("supersimplenet", **ssn).config().items() if k != "seed"}))
+    pc_config = json.loads(json.dumps(make_detector("patchcore").config()))
+    done = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log and args.log.exists() else []
     print(f"SuperSimpleNet: {args.steps} steps of batch {args.batch_size} or {args.budget_s:g} s; "
           "threshold at a stated 1% false-alarm rate on normal images\n")
-    print("| data | model | K | seeds | image AUROC | pixel AUROC | AUPRO | TPR@FPR1% | recall at thr | false alarms at thr | train min |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    tables = []
     for name in args.datasets.split(","):
         ds = load_dataset(DATASETS / name)
-        patchcore = make_detector("patchcore")
-        t0 = time.perf_counter()
-        full = evaluate(patchcore, ds, false_alarm_rate=0.01)
-        pc_fit = time.perf_counter() - t0
-        threshold = Threshold(**{f.name: full.threshold[f.name] for f in fields(Threshold)})
+        patchcore: dict = {}
         for k in ks:
             runs: dict[str, list[dict[str, float]]] = {}
             for regime in regimes if k else ["unsupervised"]:
-                for seed in seeds if k else seeds[:1]:
-                    labelled, rest = labelled_split(ds, k, seed, masks=regime == "masks")
-                    det = make_detector("supersimplenet", seed=seed, **ssn)
-                    if labelled:
-                        det.use_defects(labelled)
-                    runs.setdefault(f"supersimplenet ({regime})", []).append(row_of(evaluate(det, rest, false_alarm_rate=0.01)))
+                for seed in seeds:
+                    key = {"data": name, "model": f"supersimplenet ({regime})", "k": k, "seed": seed, "config": config}
+                    runs.setdefault(key["model"], []).append(logged(done, key) or run(
+                        key, partial(ssn_row, ds, k, seed, regime, ssn), args.log, done))
                     if regime == regimes[0] or not k:
-                        pc = row_of(evaluate(patchcore, rest, fitted=True, threshold=threshold))
-                        runs.setdefault("patchcore", []).append({**pc, "fit_min": pc_fit / 60})
+                        pc = {"data": name, "model": "patchcore", "k": k, "seed": seed, "config": pc_config}
+                        runs.setdefault("patchcore", []).append(logged(done, pc) or run(
+                            pc, partial(patchcore_row, ds, k, seed, patchcore), args.log, done))
             for model, rows in runs.items():
                 cells = " | ".join(cell([r[c] for r in rows]) for c in COLS)
-                print(f"| {name} | {model} | {k} | {len(rows)} | {cells} |", flush=True)
+                tables.append(f"| {name} | {model} | {k} | {len(rows)} | {cells} |")
+    print("| data | model | K | seeds | image AUROC | pixel AUROC | AUPRO | TPR@FPR1% | recall at thr | false alarms at thr | train min |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(tables))
+
+
+def logged(done: list[dict], key: dict) -> dict | None:
+    """The row of a run already in the log, if there is one."""
+    return next((row for row in done if all(row.get(k) == v for k, v in key.items())), None)
+
+
+def run(key: dict, measure, log: Path | None, done: list[dict]) -> dict:
+    """Measure one run, print it and append it to the log."""
+    row = {**key, **measure()}
+    print(json.dumps(row), flush=True)
+    done.append(row)
+    if log:
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def ssn_row(ds, k: int, seed: int, regime: str, ssn: dict) -> dict[str, float]:
+    """SuperSimpleNet trained with K labelled defects of the seed (none for K = 0), scored on the rest."""
+    from defectscope.detectors import make_detector
+    from defectscope.evaluation.evaluate import evaluate, labelled_split
+
+    labelled, rest = labelled_split(ds, k, seed, masks=regime == "masks")
+    det = make_detector("supersimplenet", seed=seed, **ssn)
+    if labelled:
+        det.use_defects(labelled)
+    return row_of(evaluate(det, rest, false_alarm_rate=0.01))
+
+
+def patchcore_row(ds, k: int, seed: int, fitted: dict) -> dict[str, float]:
+    """PatchCore (fitted once per dataset, kept in ``fitted``) on the same remaining test images."""
+    from defectscope.decision.thresholds import Threshold
+    from defectscope.detectors import make_detector
+    from defectscope.evaluation.evaluate import evaluate, labelled_split
+
+    if not fitted:
+        fitted["model"] = make_detector("patchcore")
+        t0 = time.perf_counter()
+        full = evaluate(fitted["model"], ds, false_alarm_rate=0.01)
+        fitted["fit_min"] = (time.perf_counter() - t0) / 60
+        fitted["threshold"] = Threshold(**{f.name: full.threshold[f.name] for f in fields(Threshold)})
+    _, rest = labelled_split(ds, k, seed)
+    row = row_of(evaluate(fitted["model"], rest, fitted=True, threshold=fitted["threshold"]))
+    return {**row, "fit_min": fitted["fit_min"]}
 
 
 if __name__ == "__main__":
