@@ -102,7 +102,7 @@ def logged(done: list[dict], key: dict) -> dict | None:
 
 def run(key: dict, measure, log: Path | None, done: list[dict]) -> dict:
     """Measure one run, print it and append it to the log."""
-    row = {**key, **measure()}
+    row = {**key, **measure(), "ended": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row), flush=True)
     done.append(row)
     if log:
