@@ -126,9 +126,9 @@ class Heads(nn.Module):
 
     def standardize_on(self, feats: torch.Tensor) -> None:
         """Centre and scale each channel by the normal features' own mean and deviation."""
-        flat = feats.float().transpose(0, 1).flatten(1)
-        self.center.copy_(flat.mean(1).view_as(self.center))
-        self.scale.copy_(flat.std(1).clamp(min=1e-6).view_as(self.scale))
+        std, mean = torch.std_mean(feats.float(), dim=(0, 2, 3))
+        self.center.copy_(mean.view_as(self.center))
+        self.scale.copy_(std.clamp(min=1e-6).view_as(self.scale))
 
     def adapt(self, feats: torch.Tensor) -> torch.Tensor:
         """A = adapt((F - mean) / std)."""
