@@ -19,7 +19,8 @@ from defectscope.data.datasets import Record, defect_records, iter_samples, load
 from defectscope.data.images import Preprocess, load_image
 from defectscope.decision.metrics import image_metrics
 from defectscope.detectors import make_detector
-from defectscope.detectors.supersimplenet import feature_mask, warn_if_normal
+from defectscope.detectors.base import holdout_split
+from defectscope.detectors.supersimplenet import HOLDOUT, feature_mask, warn_if_normal
 from defectscope.errors import DataError
 from defectscope.evaluation.evaluate import labelled_split
 
@@ -141,17 +142,22 @@ def test_bad_labels_are_named(weld: dict[str, Path], tmp_path: Path, caplog: pyt
 
 
 def test_real_subtle_defects_raise_no_warning(battery: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Battery-weld's own defects are subtle one by one (several no more unusual than most
-    normal images); the first rule warned on 8 of 10 of them as if they were good parts."""
+    """Battery-weld's defects are subtle one by one: of the 10 the supervised protocol draws
+    with seed 0, 7 are no more unusual than most normal images. The first rule, a share of
+    such images, warned on this set as if it were a folder of good parts (8 of 10 in-mask,
+    in the benchmark's fit); as a set they still rank above normal images."""
     ds = load_dataset(battery)
-    detector = make_detector("supersimplenet")  # at the default 256 px, where the first rule warned
-    normal = detector._cache(iter_samples(ds.train, detector.preprocess), 0, None, "")
+    detector = make_detector("supersimplenet")  # the default 256 px, as the benchmark
+    kept, _ = holdout_split(len(ds.train), HOLDOUT, 0)  # the normal images fit_scored trains on
+    normal = detector._cache(iter_samples([ds.train[i] for i in kept], detector.preprocess), 0, None, "")
     real, _ = labelled_split(ds, 10, seed=0)
     bad = detector._cache(iter_samples(real, detector.preprocess), 1, None, "")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="defectscope"):
-        warn_if_normal(normal, bad, real, seed=0)
-    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    with caplog.at_level(logging.INFO, logger="defectscope"):
+        alike = warn_if_normal(normal, bad, real, seed=0)
+    assert len(alike) >= 5  # subtle one by one ...
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # ... but no warning
+    assert f"{len(alike)} of 10 labelled defects look like normal parts" in caplog.text  # named, as info
 
 
 def test_a_small_outline_survives_on_the_feature_grid() -> None:

@@ -278,7 +278,7 @@ def make_detector(name: str, **config: Any) -> Detector:
 @lru_cache(maxsize=128)
 def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
     """n x n matrix of a 1-D Gaussian (radius 4 sigma, clamped to n - 1) with reflect padding."""
-    radius = min(max(1, int(math.ceil(4 * sigma))), n - 1)
+    radius = min(max(1, math.ceil(4 * sigma)), n - 1)
     if sigma <= 0 or radius < 1:
         return torch.eye(n)
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
@@ -393,10 +393,15 @@ def holdout_scored(detector: Detector, records: Sequence[Record], share: float, 
     if n < 5:
         detector.fit(iter_samples(records, detector.preprocess), progress=progress)
         return None
-    order = np.random.default_rng(seed).permutation(n)
-    held = order[: max(1, round(share * n))]
-    kept = [records[i] for i in sorted(set(order.tolist()) - set(held.tolist()))]
-    detector.fit(iter_samples(kept, detector.preprocess), progress=progress)
+    kept, held = holdout_split(n, share, seed)
+    detector.fit(iter_samples([records[i] for i in kept], detector.preprocess), progress=progress)
     unseen = iter_samples([records[i] for i in held], detector.preprocess)
     parts = [NormalScores.summarize(pred) for _, pred in detector.predict_samples(unseen)]
-    return NormalScores.collect(parts, held.tolist(), f"{len(held)} held-out images ({share:.0%})")
+    return NormalScores.collect(parts, held, f"{len(held)} held-out images ({share:.0%})")
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of ``n`` images to train on (in order) and the seeded ``share`` held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    held = order[: max(1, round(share * n))].tolist()
+    return sorted(set(order.tolist()) - set(held)), held
